@@ -1,0 +1,40 @@
+# pixart-lightning: `make test` and `make demo` work on a fresh machine with nothing installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# clean-fid needs a torchvision built for the installed torch; this pair lies on local disk here.
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint demo bench clean
+
+venv: $(VENV)/.installed
+
+# A torch/torchvision pair the base interpreter already has is kept (the venv sees it);
+# otherwise the pinned pair is installed. Everything else is constrained to that pair so pip
+# never swaps torch underneath it.
+$(VENV)/.installed: pyproject.toml
+	@if $(PYTHON) -c "import torch, torchvision" 2>/dev/null; then \
+		echo "keeping the existing torch/torchvision"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install $(TORCH_PAIR)
+	@$(PY) -c "import torch, torchvision; print('torch==' + torch.__version__.split('+')[0]); print('torchvision==' + torchvision.__version__.split('+')[0])" > $(VENV)/torch-constraints.txt
+	$(PY) -m pip install -c $(VENV)/torch-constraints.txt -e '.[dev]'
+	@touch $@
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+demo: venv
+	$(VENV)/bin/pixart-lightning demo --out runs/demo
+
+bench: venv
+	$(PY) benchmarks/backbone_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
