@@ -1,6 +1,14 @@
 """Checkpoint interop: official PixArt-α and DiT files, diffusers folders, our own format."""
 
-from .formats import export_diffusers, load_diffusers, load_model, load_weights, model_from_official, save_weights, to_official
+from .formats import (
+    export_diffusers,
+    load_diffusers,
+    load_model,
+    load_weights,
+    model_from_official,
+    save_weights,
+    to_official,
+)
 from .state_dicts import IncompatibleCheckpointError, infer_config, read_state_dict
 
 __all__ = [

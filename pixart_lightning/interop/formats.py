@@ -90,9 +90,23 @@ def export_diffusers(model: PixArt, folder: str | Path) -> Path:
     diffusers has no slot for PixArt's null caption embedding: it is saved beside the weights as
     ``null_caption.safetensors`` so that importing the folder again restores it.
     """
+    folder = Path(folder)
+    to_diffusers_model(model).save_pretrained(folder)
+    if model.cfg.mode == "text":
+        save_null_caption(model, folder)
+    return folder
+
+
+def save_null_caption(model: PixArt, folder: Path) -> None:
+    null = model.state_dict()["y_embedder.y_embedding"].detach().cpu().contiguous()
+    save_file({"y_embedding": null}, folder / NULL_CAPTION_FILE)
+
+
+def to_diffusers_model(model: PixArt):
+    """The same weights in diffusers' ``PixArtTransformer2DModel`` or ``DiTTransformer2DModel``."""
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
-    cfg, folder = model.cfg, Path(folder)
+    cfg = model.cfg
     common = dict(
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,
@@ -127,10 +141,7 @@ def export_diffusers(model: PixArt, folder: str | Path) -> Path:
         target = DiTTransformer2DModel(**common, num_embeds_ada_norm=cfg.num_classes, norm_eps=cfg.mlp_norm_eps)
         theirs = to_theirs(state, dit_rules(cfg.depth))
     target.load_state_dict(theirs, strict=True)
-    target.save_pretrained(folder)
-    if cfg.mode == "text":
-        save_file({"y_embedding": state["y_embedder.y_embedding"].detach().cpu().contiguous()}, folder / NULL_CAPTION_FILE)
-    return folder
+    return target
 
 
 def load_diffusers(folder: str | Path, subfolder: str | None = None) -> PixArt:

@@ -350,6 +350,7 @@ class PixArt(nn.Module):
                     raise ValueError("this model has micro-conditions: pass resolution (B, 2) and aspect_ratio (B, 1)")
                 c = c + torch.cat([self.csize_embedder(resolution), self.ar_embedder(aspect_ratio)], dim=1)
             block_cond = self.t_block(c)  # (B, 6D)
+            y, mask = trim_caption_padding(y, mask)
             y = self.y_embedder(y, force_drop_ids)  # (B, L, D)
         else:
             if y is not None:
@@ -362,6 +363,22 @@ class PixArt(nn.Module):
                 x = block(x, block_cond, y, mask)
         x = self.final_layer(x, c)  # (B, T, p*p*C_out)
         return unpatchify(x, grid_h, grid_w, cfg.patch_size, cfg.out_channels)
+
+
+def trim_caption_padding(y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Drop caption columns that are padding in every sample; no mask at all if none is left.
+
+    Masked tokens contribute nothing to cross-attention, so this changes no output, but it spares
+    the K/V projections and attention the padding up to 120 tokens, and an all-ones mask lets
+    ``scaled_dot_product_attention`` pick its fastest kernel.
+    """
+    if mask is None:
+        return y, None
+    mask = mask.bool()
+    used = mask.any(dim=0)  # (L,)
+    keep = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    y, mask = y[:, :keep], mask[:, :keep]
+    return (y, None) if bool(mask.all()) else (y, mask)
 
 
 def unpatchify(x: Tensor, grid_h: int, grid_w: int, p: int, channels: int) -> Tensor:

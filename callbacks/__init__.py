@@ -1,0 +1,1 @@
+"""Training callbacks: FID, sample logging, throughput/MFU, EMA (issue #6)."""

@@ -1,0 +1,48 @@
+"""Export a text-mode backbone with a text encoder and VAE as a diffusers ``PixArtAlphaPipeline``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..models.pixart import PixArt
+from ..text_encoder import T5TextEncoder
+from ..vae import VAE
+from .formats import save_null_caption, to_diffusers_model
+
+
+def export_pipeline(
+    model: PixArt, folder: str | os.PathLike, text_encoder: str | os.PathLike, vae: str | os.PathLike
+) -> Path:
+    """Write a folder that ``PixArtAlphaPipeline.from_pretrained(folder)`` loads and runs offline.
+
+    ``text_encoder`` and ``vae`` are hub ids or local folders (a pipeline folder works for both).
+    The scheduler is diffusers' default DPM-Solver++ (2nd order, 1000 linear-β steps), the
+    sampler PixArt-α uses. Note that diffusers guides with T5("") as the negative prompt, while
+    our sampler uses the model's null caption embedding; it is kept in ``transformer/`` as
+    ``null_caption.safetensors`` so that importing the folder restores it.
+    """
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    if model.cfg.mode != "text":
+        raise ValueError("only a text-mode model can be exported as a PixArtAlphaPipeline")
+    encoder = T5TextEncoder.from_pretrained(text_encoder)
+    autoencoder = VAE.from_pretrained(vae)
+    problems = []
+    if encoder.dim != model.cfg.caption_channels:
+        problems.append(f"text encoder width {encoder.dim} != model caption_channels {model.cfg.caption_channels}")
+    if autoencoder.latent_channels != model.cfg.in_channels:
+        problems.append(f"VAE latent channels {autoencoder.latent_channels} != model in_channels {model.cfg.in_channels}")
+    if problems:
+        raise ValueError("cannot export pipeline: " + "; ".join(problems))
+    pipeline = PixArtAlphaPipeline(
+        tokenizer=encoder.tokenizer,
+        text_encoder=encoder.model,
+        vae=autoencoder.model,
+        transformer=to_diffusers_model(model),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    folder = Path(folder)
+    pipeline.save_pretrained(folder)
+    save_null_caption(model, folder / "transformer")
+    return folder

@@ -1,0 +1,92 @@
+"""Frozen ``AutoencoderKL`` mapping images in [-1, 1] to scaled latents and back."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.utils import is_accelerate_available
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor, nn
+
+from pixart_lightning.hub import load_pretrained, pipeline_subfolder
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+
+class VAE(nn.Module):
+    """Frozen KL autoencoder; latents are multiplied by ``scale_factor`` to get roughly unit variance."""
+
+    def __init__(self, model: AutoencoderKL, scale_factor: float = 0.18215):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.scale_factor = scale_factor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = DEFAULT_VAE,
+        scale_factor: float = 0.18215,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        subfolder: str | None = None,
+    ) -> VAE:
+        """Load from a Hub id or folder; a local pipeline folder's ``vae/`` is found. ``dtype=None`` means float32."""
+        # Without accelerate, diffusers warns on every load unless low_cpu_mem_usage is off.
+        kwargs = {
+            "subfolder": subfolder or pipeline_subfolder(name_or_path, "vae"),
+            "low_cpu_mem_usage": is_accelerate_available(),
+        }
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = load_pretrained(AutoencoderKL.from_pretrained, name_or_path, "VAE", **kwargs)
+        return cls(model.to(device), scale_factor)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for the SD VAE)."""
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent (4 for the SD VAE)."""
+        return self.model.config.latent_channels
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the autoencoder weights."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the autoencoder weights."""
+        return next(self.model.parameters()).dtype
+
+    def train(self, mode: bool = True) -> VAE:
+        """Stay in eval mode whatever a parent module asks."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Unscaled posterior mean and std (B, C, H/f, W/f) of images (B, 3, H, W) in [-1, 1]."""
+        posterior = self.model.encode(images.to(self.device, self.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def latents_from_posterior(
+        self, mean: Tensor, std: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Scaled latents from posterior moments: the mean, or one draw if ``sample``."""
+        if sample:
+            mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean * self.scale_factor
+
+    def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents of images in [-1, 1]: the posterior mean, or a draw if ``sample``."""
+        return self.latents_from_posterior(*self.encode_posterior(images), sample=sample, generator=generator)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] from scaled latents."""
+        images = self.model.decode(latents.to(self.device, self.dtype) / self.scale_factor).sample
+        return images.clamp(-1.0, 1.0)
