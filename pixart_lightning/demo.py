@@ -7,6 +7,7 @@ structure, not content.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -76,8 +77,6 @@ class _Steps:
         self.count = 0
 
     def __call__(self, title: str, fn, *args, **kwargs):
-        import time
-
         self.count += 1
         start = time.perf_counter()
         result = fn(*args, **kwargs)

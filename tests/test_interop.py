@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import tiny_model
 
 from pixart_lightning.interop import (
     IncompatibleCheckpointError,
@@ -177,4 +177,3 @@ def test_meta_built_xl_exports_keys_diffusers_expects():
             model = PixArt(PixArtConfig.from_name("PixArt-XL/2", micro_conditions=micro))
         theirs = to_theirs(model.state_dict(), pixart_rules(28), skip=("y_embedder.y_embedding",))
         assert len(theirs) == count
-    assert tiny_config().depth == 2
