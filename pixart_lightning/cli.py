@@ -64,25 +64,76 @@ def cmd_tiny_models(args: argparse.Namespace) -> None:
         print(f"{name}: {path}")
 
 
+def _run_artifacts(args: argparse.Namespace):
+    """Model, VAE, text encoder and prediction for --ckpt, defaulted from the run folder's manifest."""
+    import json
+
+    from .interop import load_model
+    from .runner import MANIFEST, load_text_encoder, load_vae
+
+    ckpt = Path(args.ckpt)
+    manifest_path = (ckpt if ckpt.is_dir() else ckpt.parent) / MANIFEST
+    run = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if ckpt.is_dir() and (ckpt / "final.safetensors").is_file():
+        ckpt = ckpt / ("final-ema.safetensors" if (ckpt / "final-ema.safetensors").is_file() else "final.safetensors")
+    model = load_model(ckpt)
+    text_name = args.text_encoder or run.get("text_encoder") or "DeepFloyd/t5-v1_1-xxl"
+    encoder = load_text_encoder(text_name) if model.cfg.mode == "text" else None
+    vae = load_vae(args.vae or run.get("vae") or "stabilityai/sd-vae-ft-ema")
+    prediction = args.prediction or run.get("prediction") or "epsilon"
+    resolution = run.get("resolution") or model.cfg.sample_size * vae.downsample_factor
+    return model, vae, encoder, prediction, resolution
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from .generate import generate, save_grid
-    from .text_encoder import T5TextEncoder
-    from .vae import VAE
 
-    model = _load(args)
-    encoder = T5TextEncoder.from_pretrained(args.text_encoder) if model.cfg.mode == "text" else None
+    model, vae, encoder, prediction, resolution = _run_artifacts(args)
+    if model.cfg.mode == "text" and not args.prompt:
+        raise ValueError("a text-mode checkpoint needs --prompt")
+    if model.cfg.mode == "class" and args.label is None:
+        raise ValueError("a class-mode (stage 1) checkpoint needs --label")
+    conditions = args.prompt if model.cfg.mode == "text" else args.label
+    repeated = [c for c in conditions for _ in range(args.num)]
+    key = "prompts" if model.cfg.mode == "text" else "labels"
     images = generate(
-        model, VAE.from_pretrained(args.vae), prompts=args.prompt, labels=args.label, encoder=encoder,
-        height=args.height, width=args.width, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-        seed=args.seed, progress=True,
+        model, vae, **{key: repeated}, encoder=encoder, height=args.height or resolution,
+        width=args.width or resolution, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+        seed=args.seed, progress=True, prediction=prediction,
     )
-    print(f"wrote {save_grid(images, args.out, scale=args.zoom)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_grid(image[None], out / f"{i // args.num:03d}-{i % args.num:02d}.png", scale=args.zoom)
+    grid = save_grid(images, out / "grid.png", columns=args.num, scale=args.zoom)
+    print(f"wrote {len(images)} images and {grid}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+def cmd_run(args: argparse.Namespace) -> None:
+    from .runner import run
 
-    run_demo(Path(args.out))
+    stages = [int(s) for s in args.stages.split(",")] if args.stages else None
+    run(args.config, stages, args.overrides)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from .data.synth import synthesize
+
+    synthesize(args.out, count=args.count, seed=args.seed, resolution=args.resolution,
+               two_shape_fraction=args.two_shape_fraction, samples_per_shard=args.samples_per_shard)
+
+
+def cmd_eval_alignment(args: argparse.Namespace) -> None:
+    import json
+
+    from .evaluation import alignment
+
+    model, vae, encoder, prediction, resolution = _run_artifacts(args)
+    result = alignment(model, vae, encoder, num=args.num, seed=args.seed, height=args.height or resolution,
+                       width=args.width or resolution, steps=args.steps, cfg_scale=args.cfg, prediction=prediction,
+                       progress=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    print(f"alignment: {result['alignment']:.3f} over {result['num_prompts']} held-out prompts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,29 +172,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.set_defaults(func=cmd_tiny_models)
 
-    p = with_source(sub.add_parser("sample", help="generate an image grid"))
-    p.add_argument("--prompt", action="append", help="caption (text mode); repeat for more images")
-    p.add_argument("--label", type=int, action="append", help="class label (class mode); repeat for more")
-    p.add_argument("--text-encoder", default="DeepFloyd/t5-v1_1-xxl")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema")
-    p.add_argument("--out", default="samples.png")
+    def with_ckpt(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--ckpt", required=True, help="a stage folder (runs/demo/stage3), its final.safetensors, "
+                       "or any checkpoint `info` reads; a run folder supplies the encoder, VAE and resolution")
+        p.add_argument("--text-encoder", help="T5 hub id or folder (default: the run's, else DeepFloyd/t5-v1_1-xxl)")
+        p.add_argument("--vae", help="VAE hub id or folder, or 'pixel' (default: the run's, else sd-vae-ft-ema)")
+        p.add_argument("--prediction", choices=("epsilon", "v"), help="default: the run's, else epsilon")
+        p.add_argument("--steps", type=int, help="sampler steps (default: 20 for dpm++, 100 for ancestral)")
+        p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
+        p.add_argument("--height", type=int, help="pixels (default: the run's resolution)")
+        p.add_argument("--width", type=int, help="pixels (default: the run's resolution)")
+        p.add_argument("--seed", type=int, default=0)
+        return p
+
+    p = with_ckpt(sub.add_parser("sample", help="generate PNGs for prompts (or class labels) from a checkpoint"))
+    p.add_argument("--prompt", action="append", help="caption (text mode); repeat for more prompts")
+    p.add_argument("--label", type=int, action="append", help="class label (stage 1); repeat for more")
+    p.add_argument("--num", type=int, default=4, help="images per prompt")
     p.add_argument("--sampler", choices=("dpm++", "ancestral"), default="dpm++")
-    p.add_argument("--steps", type=int, help="default: 20 (dpm++), 100 (ancestral)")
-    p.add_argument("--cfg-scale", type=float, default=4.5)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--zoom", type=int, default=1, help="enlarge the PNG (nearest neighbour)")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--zoom", type=int, default=1, help="enlarge the PNGs (nearest neighbour)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("demo", help="the model-core chain end to end on tiny offline models")
-    p.add_argument("--out", default="runs/demo")
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("run", help="train the stages of a config folder, each from the previous one's weights")
+    p.add_argument("config", help="config folder, e.g. configs/demo or configs/pixart-xl2")
+    p.add_argument("--stages", help="comma-separated, e.g. 1,2,3 (default: all)")
+    p.add_argument("overrides", nargs="*", help="key=value (all stages) or stageN.key=value (one stage)")
+    p.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write webdataset shards of the synthetic shapes world")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--count", type=int, default=20000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--two-shape-fraction", type=float, default=0.0)
+    p.add_argument("--samples-per-shard", type=int, default=2000)
+    p.set_defaults(func=cmd_data_synth)
+
+    evaluate = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    p = with_ckpt(evaluate.add_parser("alignment", help="shapes-world prompt following, by a pixel detector"))
+    p.add_argument("--num", type=int, default=64, help="number of held-out prompts")
+    p.set_defaults(func=cmd_eval_alignment)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (`run configs/demo --stages 1 optim.lr=1e-4`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "run" or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # user mistakes: one line, no traceback

@@ -12,7 +12,7 @@ from torch import Tensor
 from .diffusion import sample
 from .models.pixart import PixArt
 from .text_encoder import T5TextEncoder
-from .vae import VAE
+from .vae import VAE, PixelSpace
 
 
 def condition(
@@ -38,7 +38,7 @@ def condition(
 @torch.no_grad()
 def generate(
     model: PixArt,
-    vae: VAE,
+    vae: VAE | PixelSpace,
     *,
     prompts: Sequence[str] | None = None,
     labels: Sequence[int] | None = None,
@@ -50,6 +50,7 @@ def generate(
     cfg_scale: float = 4.5,
     seed: int = 0,
     progress: bool = False,
+    prediction: str = "epsilon",
 ) -> Tensor:
     """Sample images (B, 3, H, W) as uint8; one per prompt or label."""
     factor = vae.downsample_factor
@@ -62,7 +63,8 @@ def generate(
     shape = (batch, model.cfg.in_channels, height // factor, width // factor)
     generator = torch.Generator().manual_seed(seed)
     latents = sample(model.eval(), shape, kwargs, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                     generator=generator, device=device, progress=progress)
+                     generator=generator, device=device, progress=progress, learn_sigma=model.cfg.learn_sigma,
+                     prediction=prediction)
     images = vae.decode(latents.to(vae.device, vae.dtype))
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 

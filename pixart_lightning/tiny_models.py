@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import string
@@ -13,34 +12,14 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-SHAPES_VOCAB: dict[str, tuple[str, ...]] = {
-    "sizes": ("small", "large"),
-    "colors": ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray"),
-    "shapes": ("circle", "square", "triangle"),
-    "positions": ("center", "left", "right", "top", "bottom", "upper left", "upper right", "lower left", "lower right"),
-    "templates": (
-        "a {size} {color} {shape} in the {position} on a {background} background",
-        "a {background} background with a {size} {color} {shape} in the {position}",
-    ),
-}
-"""Words and caption templates of the synthetic "shapes" world (background is one of the colors)."""
+# The shapes world owns its words; they stay importable from here for the tokenizer's users.
+from pixart_lightning.data.world import SHAPES_VOCAB as SHAPES_VOCAB
+from pixart_lightning.data.world import shapes_corpus as shapes_corpus
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5 expects
 # Any word is cheaper whole than spelled out, so known words never split; unknown ones fall back to characters.
 WORD_SCORE, CHAR_SCORE = -1.0, -10.0
 FALLBACK_CHARS = string.ascii_letters + string.digits + string.punctuation
-
-
-def shapes_corpus() -> list[str]:
-    """Every caption of the shapes world, each background being a color other than the shape's."""
-    v = SHAPES_VOCAB
-    return [
-        template.format(size=size, color=color, shape=shape, position=position, background=background)
-        for size, color, shape, position, background, template in itertools.product(
-            v["sizes"], v["colors"], v["shapes"], v["positions"], v["colors"], v["templates"]
-        )
-        if background != color
-    ]
 
 
 def word_level_t5_tokenizer(corpus: Iterable[str]) -> T5Tokenizer:
@@ -61,8 +40,21 @@ def build_tiny_t5(
     num_heads: int = 4,
     d_ff: int = 64,
     seed: int = 0,
+    order_aware: bool = True,
 ) -> Path:
-    """Save a word-level tokenizer and a randomly initialised ``T5EncoderModel`` (v1.1 style) to ``out_dir``."""
+    """Save a word-level tokenizer and a random ``T5EncoderModel`` (v1.1 style) to ``out_dir``; order-aware by default.
+
+    Why: a plainly random T5 is a bag of words. Its content attention is near uniform, so the feature at "circle"
+    does not know which colour word precedes it, and a diffusion model trained on such features cannot bind the
+    shape's colour (it only learns the background). With ``order_aware`` the first layer's relative-position bias,
+    which T5 shares with every layer, gets ``ORDER_BIAS`` on one bucket per head and 0 elsewhere, so each head
+    attends almost only to one fixed neighbour (``ORDER_OFFSETS``: -1 three times, +1); 32 buckets make every
+    offset below 8 its own bucket. A token's feature is then its own embedding (the residual) plus its neighbours'
+    (the heads, of about the same size at T5's init; measured, scaling the attention output 1.5-3x barely helped
+    the neighbour's part and blurred the token's own, so it is left as is), and the second layer widens the window
+    to +-2. Everything else is the plain random initialisation, and the folder is an ordinary ``from_pretrained``
+    checkpoint whose features are ``last_hidden_state``. ``order_aware=False`` is the plain init: the tests' control.
+    """
     out_dir = Path(out_dir)
     tokenizer = word_level_t5_tokenizer(shapes_corpus() if corpus is None else corpus)
     config = T5Config(
@@ -73,7 +65,7 @@ def build_tiny_t5(
         num_layers=num_layers,
         num_heads=num_heads,
         feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
+        relative_attention_num_buckets=32,
         dropout_rate=0.0,
         is_encoder_decoder=False,
         use_cache=False,
@@ -84,9 +76,39 @@ def build_tiny_t5(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
+    if order_aware:
+        _attend_to_neighbours(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# Order-aware tiny T5 (see build_tiny_t5): the relative offset (key minus query position) each head attends to.
+# The word before is the modifier (colour -> shape, colour -> "background", "upper" -> "left"), so three heads read
+# it (three random value projections, 3 * d_kv dims of it); +1 tells a modifier its noun ("red circle" vs "red
+# background"). Layer 2 composes them (-1 after -1 reaches the size over the colour), so -2 needs no head of its own:
+# measured over 8 seeds, (-1, -1, -2, +1) recovered the colour before the shape worse (min 0.87, not 0.96).
+ORDER_OFFSETS = (-1, -1, -1, 1)
+# Attention logit added at the chosen offset, far above the random q.k (std about 1, a few in layer 2): measured,
+# each head puts >= 0.9999 of its weight there in both layers (with 10, only >= 0.81 in layer 2).
+ORDER_BIAS = 20.0
+
+
+def _attend_to_neighbours(model: T5EncoderModel) -> None:
+    """Point head ``h`` of every layer at the relative offset ``ORDER_OFFSETS[h % len(ORDER_OFFSETS)]``."""
+    config = model.config
+    attention = model.encoder.block[0].layer[0].SelfAttention  # its bias table serves all layers
+    buckets = attention._relative_position_bucket(  # the bucketing T5 itself uses
+        torch.tensor(ORDER_OFFSETS),
+        bidirectional=True,
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+    )
+    table = torch.zeros_like(attention.relative_attention_bias.weight)  # (num_buckets, num_heads)
+    for head in range(config.num_heads):
+        table[buckets[head % len(ORDER_OFFSETS)], head] = ORDER_BIAS
+    with torch.no_grad():
+        attention.relative_attention_bias.weight.copy_(table)
 
 
 def build_tiny_vae(

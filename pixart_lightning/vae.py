@@ -90,3 +90,34 @@ class VAE(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] from scaled latents."""
         images = self.model.decode(latents.to(self.device, self.dtype) / self.scale_factor).sample
         return images.clamp(-1.0, 1.0)
+
+
+class PixelSpace(nn.Module):
+    """The identity autoencoder: diffusion runs on the pixels themselves (the offline demo's choice).
+
+    A randomly initialised VAE cannot encode or decode anything meaningful and the real SD VAE
+    cannot be downloaded offline, so the embedded demo trains on small images directly. Same
+    interface as :class:`VAE`, with ``downsample_factor`` 1 and 3 latent channels.
+    """
+
+    downsample_factor = 1
+    latent_channels = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries device and dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [-1, 1] are already the latents."""
+        return images
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents.clamp(-1.0, 1.0)

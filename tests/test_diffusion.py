@@ -60,12 +60,13 @@ class FixedOutput(nn.Module):
 
 
 class OracleEps(nn.Module):
-    """Predicts the exact ε that maps x_t back to a known x0; ignores conditioning."""
+    """Predicts the exact ε (or v) that maps x_t back to a known x0; ignores conditioning."""
 
-    def __init__(self, x0: Tensor, learn_sigma: bool = True) -> None:
+    def __init__(self, x0: Tensor, learn_sigma: bool = True, prediction: str = "epsilon") -> None:
         super().__init__()
         self.x0 = x0
         self.learn_sigma = learn_sigma
+        self.prediction = prediction
         self.ac = torch.from_numpy(reference_schedule()["ac"])
         self.calls: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
@@ -74,6 +75,8 @@ class OracleEps(nn.Module):
         ac = self.ac[t].to(x.dtype).view(-1, 1, 1, 1)
         x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1)  # CFG doubles the batch
         eps = (x - ac.sqrt() * x0) / (1.0 - ac).sqrt()
+        if self.prediction == "v":
+            eps = ac.sqrt() * eps - (1.0 - ac).sqrt() * x0
         return torch.cat([eps, torch.zeros_like(eps)], 1) if self.learn_sigma else eps
 
 
@@ -295,11 +298,12 @@ def test_model_gets_original_long_timesteps_and_kwargs() -> None:
 # --------------------------------------------------------------------------- sampling
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
 @pytest.mark.parametrize(("sampler", "steps", "tol"), [("dpm++", 20, 1e-3), ("ancestral", 50, 1e-3)])
-def test_samplers_recover_x0_from_oracle(sampler: str, steps: int, tol: float) -> None:
-    """Given the exact ε for a known x0, both samplers land on x0 (guidance path included)."""
+def test_samplers_recover_x0_from_oracle(sampler: str, steps: int, tol: float, prediction: str) -> None:
+    """Given the exact ε (or v) for a known x0, both samplers land on x0 (guidance path included)."""
     x0 = torch.rand(2, 4, 6, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    model = OracleEps(x0)
+    model = OracleEps(x0, prediction=prediction)
     out = sample(
         model,
         x0.shape,
@@ -307,6 +311,7 @@ def test_samplers_recover_x0_from_oracle(sampler: str, steps: int, tol: float) -
         sampler=sampler,
         steps=steps,
         generator=torch.Generator().manual_seed(5),
+        prediction=prediction,
     )
     assert out.shape == x0.shape
     assert (out - x0).abs().max() < tol
@@ -384,3 +389,40 @@ def test_unknown_sampler_lists_valid_names() -> None:
     with pytest.raises(ValueError) as info:
         sample(lambda x, t: x, (1, 4, 2, 2), None, sampler="euler")
     assert "dpm++" in str(info.value) and "ancestral" in str(info.value)
+
+
+# --------------------------------------------------------------------------- v-prediction
+
+
+def test_v_target_and_x0_round_trip() -> None:
+    """v = √ᾱ·ε − √(1−ᾱ)·x0, and predict_x0 inverts both parameterisations exactly."""
+    eps_d, v_d = create_diffusion(), create_diffusion(prediction="v")
+    g = torch.Generator().manual_seed(8)
+    x0, noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 870])
+    ac = torch.from_numpy(reference_schedule()["ac"])[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v_d.target(x0, noise, t), ac.sqrt() * noise - (1 - ac).sqrt() * x0)
+    assert eps_d.target(x0, noise, t) is noise
+    xt = eps_d.q_sample(x0, t, noise)
+    torch.testing.assert_close(v_d.predict_x0(v_d.target(x0, noise, t), xt, t), x0)
+    torch.testing.assert_close(eps_d.predict_x0(noise, xt, t), x0)
+
+
+def test_v_hybrid_loss_matches_epsilon_for_equivalent_predictions() -> None:
+    """A v model and an ε model making the same implied x0 get the same VLB; the MSE uses each target."""
+    eps_d, v_d = create_diffusion(), create_diffusion(prediction="v")
+    g = torch.Generator().manual_seed(9)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t, var = torch.tensor([0, 400, 999]), torch.rand(3, 2, 4, 4, generator=g) * 2 - 1
+    eps_hat = noise + 0.1 * torch.randn(3, 2, 4, 4, generator=g)
+    xt = eps_d.q_sample(x0, t, noise)
+    # The v that implies the same x0 as eps_hat at x_t.
+    x0_hat = eps_d.predict_x0(eps_hat, xt, t)
+    ac = torch.from_numpy(reference_schedule()["ac"]).float()[t].view(-1, 1, 1, 1)
+    v_hat = (ac.sqrt() * xt - x0_hat) / (1 - ac).sqrt()
+    out_eps = eps_d.training_losses(lambda x, s: torch.cat([eps_hat, var], 1), x0, t, noise=noise)
+    out_v = v_d.training_losses(lambda x, s: torch.cat([v_hat, var], 1), x0, t, noise=noise)
+    torch.testing.assert_close(out_v["vb"], out_eps["vb"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_v["mse"], ((v_d.target(x0, noise, t) - v_hat) ** 2).mean((1, 2, 3)))
+    with pytest.raises(ValueError, match="valid choices"):
+        create_diffusion(prediction="x0")

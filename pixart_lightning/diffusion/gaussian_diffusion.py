@@ -1,9 +1,16 @@
-"""Gaussian diffusion with ε-prediction and learned-range variance (IDDPM / PixArt-α recipe)."""
+"""Gaussian diffusion with learned-range variance (IDDPM / PixArt-α recipe), predicting ε or v.
+
+PixArt-α predicts ε. v = √ᾱ·ε − √(1−ᾱ)·x0 is offered because with the linear schedule an image's
+colours are decided at high noise, where an ε target says little about x0: a tiny model trained for
+minutes learns colour with v and hardly at all with ε (``docs/demo.md``). The hybrid loss works with
+either; the variance channels and the VLB are the same.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -14,6 +21,8 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 # fn(x_t, t_model) -> raw model output; t_model holds the ORIGINAL integer timesteps.
 ModelOutputFn = Callable[[Tensor, Tensor], Tensor]
+Prediction = Literal["epsilon", "v"]
+PREDICTIONS = ("epsilon", "v")
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -47,7 +56,10 @@ class GaussianDiffusion:
         betas: np.ndarray,
         use_timesteps: Sequence[int] | None = None,
         learn_sigma: bool = True,
+        prediction: Prediction = "epsilon",
     ) -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r}: valid choices are {', '.join(PREDICTIONS)}")
         betas = np.asarray(betas, dtype=np.float64)
         if use_timesteps is None:
             use_timesteps = list(range(len(betas)))
@@ -56,6 +68,7 @@ class GaussianDiffusion:
             betas = self._respaced_betas(betas, use_timesteps)
 
         self.learn_sigma = learn_sigma
+        self.prediction = prediction
         self.num_timesteps = len(betas)
         self.timestep_map = torch.tensor(use_timesteps, dtype=torch.long)
 
@@ -119,7 +132,6 @@ class GaussianDiffusion:
     ) -> dict[str, Tensor]:
         """Turn a raw model output into the Gaussian p(x_{t-1} | x_t) and the implied x_0."""
         channels = xt.shape[1]
-        eps = model_output[:, :channels]
         if self.learn_sigma:
             frac = (model_output[:, channels:] + 1.0) / 2.0
             min_log = self._gather(self.posterior_log_variance_clipped, t, xt)
@@ -130,14 +142,32 @@ class GaussianDiffusion:
             variance = self._gather(self.posterior_variance, t, xt).expand_as(xt)
             log_variance = self._gather(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
 
-        pred_x0 = (
-            self._gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt
-            - self._gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
-        )
+        pred_x0 = self.predict_x0(model_output[:, :channels], xt, t)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0}
+
+    def predict_x0(self, prediction: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """x0 implied by the model's ε or v prediction at x_t."""
+        if self.prediction == "v":
+            return (
+                self._gather(self.sqrt_alphas_cumprod, t, xt) * xt
+                - self._gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * prediction
+            )
+        return (
+            self._gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+            - self._gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * prediction
+        )
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the mean channels are trained to predict: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0."""
+        if self.prediction == "v":
+            return (
+                self._gather(self.sqrt_alphas_cumprod, t, x0) * noise
+                - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            )
+        return noise
 
     def _vb_bits(self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-sample variational-bound term L_t in bits."""
@@ -155,20 +185,20 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Per-sample losses: ε-MSE, plus the VLB (bits) on the variance channels if learned."""
+        """Per-sample losses: MSE on ε (or v), plus the VLB (bits) on the variance channels if learned."""
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
         output = model(xt, self.model_timesteps(t), **(model_kwargs or {}))
 
         channels = x0.shape[1]
-        eps_hat = output[:, :channels]
-        mse = mean_flat((noise - eps_hat) ** 2)
+        mean_hat = output[:, :channels]
+        mse = mean_flat((self.target(x0, noise, t) - mean_hat) ** 2)
         if not self.learn_sigma:
             return {"mse": mse, "loss": mse}
 
-        # Detaching ε means the VLB only shapes the variance channels; the mean is trained by MSE.
-        frozen_output = torch.cat([eps_hat.detach(), output[:, channels:]], dim=1)
+        # Detaching the mean prediction means the VLB only shapes the variance channels.
+        frozen_output = torch.cat([mean_hat.detach(), output[:, channels:]], dim=1)
         vb = self._vb_bits(frozen_output, x0, xt, t)
         return {"mse": mse, "vb": vb, "loss": mse + vb}
 
@@ -209,10 +239,13 @@ def create_diffusion(
     timestep_respacing: str | int | None = None,
     num_timesteps: int = 1000,
     learn_sigma: bool = True,
+    prediction: Prediction = "epsilon",
 ) -> GaussianDiffusion:
     """Build the PixArt-α diffusion, optionally respaced to fewer evenly spaced steps."""
     if timestep_respacing is None or timestep_respacing == "":
         use_timesteps = None
     else:
         use_timesteps = space_timesteps(num_timesteps, int(timestep_respacing))
-    return GaussianDiffusion(linear_betas(num_timesteps), use_timesteps=use_timesteps, learn_sigma=learn_sigma)
+    return GaussianDiffusion(
+        linear_betas(num_timesteps), use_timesteps=use_timesteps, learn_sigma=learn_sigma, prediction=prediction
+    )

@@ -10,7 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .gaussian_diffusion import ModelOutputFn, create_diffusion, randn
+from .gaussian_diffusion import ModelOutputFn, Prediction, create_diffusion, randn
 
 SAMPLERS = ("dpm++", "ancestral")
 _DEFAULT_STEPS = {"dpm++": 20, "ancestral": 100}
@@ -36,8 +36,8 @@ def guided_model_fn(
         drop[batch:] = 1
         out = model(torch.cat([x, x]), torch.cat([t, t]), force_drop_ids=drop, **doubled)
         cond, uncond = out[:batch], out[batch:]
-        eps = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
-        return torch.cat([eps, cond[:, channels:]], dim=1)
+        guided = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([guided, cond[:, channels:]], dim=1)
 
     return fn
 
@@ -49,8 +49,9 @@ def _dpm_solver_pp(
     generator: torch.Generator | None,
     device: torch.device,
     progress: bool,
+    prediction: Prediction,
 ) -> Tensor:
-    """Second-order multistep DPM-Solver++ on the ε channels."""
+    """Second-order multistep DPM-Solver++ on the ε (or v) channels."""
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_start=1e-4,
@@ -58,14 +59,14 @@ def _dpm_solver_pp(
         beta_schedule="linear",
         algorithm_type="dpmsolver++",
         solver_order=2,
-        prediction_type="epsilon",
+        prediction_type="v_prediction" if prediction == "v" else "epsilon",
     )
     scheduler.set_timesteps(steps, device=device)
     x = randn(shape, generator, device) * scheduler.init_noise_sigma
     for t in tqdm(scheduler.timesteps, disable=not progress):
         t_batch = t.to(device=device, dtype=torch.long).expand(x.shape[0])
-        eps = fn(x, t_batch)[:, : x.shape[1]]
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        mean_prediction = fn(x, t_batch)[:, : x.shape[1]]
+        x = scheduler.step(mean_prediction, t, x, generator=generator).prev_sample
     return x
 
 
@@ -91,6 +92,7 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
     learn_sigma: bool = True,
+    prediction: Prediction = "epsilon",
 ) -> Tensor:
     """Generate latents x_0 of `shape` from `model` with classifier-free guidance."""
     if sampler not in SAMPLERS:
@@ -100,6 +102,6 @@ def sample(
     fn = guided_model_fn(model, model_kwargs, cfg_scale)
 
     if sampler == "dpm++":
-        return _dpm_solver_pp(fn, shape, steps, generator, device, progress)
-    diffusion = create_diffusion(steps, learn_sigma=learn_sigma)
+        return _dpm_solver_pp(fn, shape, steps, generator, device, progress, prediction)
+    diffusion = create_diffusion(steps, learn_sigma=learn_sigma, prediction=prediction)
     return diffusion.p_sample_loop(fn, shape, generator=generator, device=device, progress=progress)

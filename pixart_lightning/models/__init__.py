@@ -2,6 +2,6 @@
 
 from .config import MODEL_SIZES, PixArtConfig
 from .pixart import PixArt, PixArtBlock
-from .reparam import class_to_text
+from .reparam import class_to_text, to_resolution
 
-__all__ = ["MODEL_SIZES", "PixArt", "PixArtBlock", "PixArtConfig", "class_to_text"]
+__all__ = ["MODEL_SIZES", "PixArt", "PixArtBlock", "PixArtConfig", "class_to_text", "to_resolution"]

@@ -71,3 +71,36 @@ def class_to_text(
         block.cross_attn.proj.weight.zero_()
         block.cross_attn.proj.bias.zero_()
     return text_model
+
+
+@torch.no_grad()
+def to_resolution(model: PixArt, sample_size: int, *, micro_conditions: bool | None = None) -> PixArt:
+    """The stage-2 -> stage-3 handoff: a text model for latents of side ``sample_size``.
+
+    The position embedding is rescaled, not extended: ``interpolation_scale`` grows with the side,
+    so the new grid spans the same coordinates as the old one and a higher-resolution image sees
+    interpolated positions it already knows (PixArt-α's 256 -> 512 -> 1024 scales 0.5 -> 1 -> 2).
+    Switching on micro-conditions adds the size and aspect-ratio embedders with their output layers
+    zeroed, so the new model computes exactly the old function until training moves them.
+    """
+    src = model.cfg
+    if src.mode != "text":
+        raise ValueError("to_resolution needs a text-mode model (stage 2 or later)")
+    micro = src.micro_conditions if micro_conditions is None else micro_conditions
+    cfg = src.replace(
+        sample_size=sample_size,
+        interpolation_scale=src.interpolation_scale * sample_size / src.sample_size,
+        micro_conditions=micro,
+    )
+    param = next(model.parameters())
+    new = PixArt(cfg).to(device=param.device, dtype=param.dtype)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    added = {k for k in missing if k.startswith(("csize_embedder.", "ar_embedder."))}
+    if set(missing) - added or unexpected:
+        raise ValueError(f"unexpected key differences at the handoff: missing {missing}, unexpected {unexpected}")
+    if added and not src.micro_conditions:
+        for embedder in (new.csize_embedder, new.ar_embedder):
+            last = embedder.mlp[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+    return new

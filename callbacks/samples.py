@@ -1,0 +1,49 @@
+"""Fixed-prompt sample grids during training: TensorBoard images and PNGs in the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+
+from pixart_lightning.config import SamplesSection
+from pixart_lightning.generate import save_grid
+
+
+class SampleGrid(L.Callback):
+    """One row per guidance scale, one column per prompt (or class label), same seeds every time."""
+
+    def __init__(self, cfg: SamplesSection, out_dir: Path, text_mode: bool):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.text_mode = text_mode
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        every = self.cfg.every_n_steps
+        if every and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
+            self.log_grid(trainer, pl_module, f"step-{trainer.global_step:06d}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.log_grid(trainer, pl_module, "final")
+
+    def log_grid(self, trainer: L.Trainer, pl_module, name: str) -> Path | None:
+        """Sample, save ``samples/<name>.png`` and log it as the ``samples`` image; rank 0 only."""
+        conditions = self.cfg.prompts if self.text_mode else self.cfg.labels
+        if not conditions or not trainer.is_global_zero:
+            return None
+        key = "prompts" if self.text_mode else "labels"
+        rows = [
+            pl_module.sample_images(**{key: list(conditions)}, cfg_scale=scale, seed=self.cfg.seed, use_ema=self.cfg.use_ema)
+            for scale in self.cfg.cfg_scales
+        ]
+        images = torch.cat(rows)
+        path = save_grid(images, self.out_dir / f"{name}.png", columns=len(conditions), scale=self.cfg.scale)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                grid = np.asarray(Image.open(path).convert("RGB"))
+                logger.experiment.add_image("samples", grid, trainer.global_step, dataformats="HWC")
+        return path

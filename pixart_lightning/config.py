@@ -1,0 +1,348 @@
+"""Typed run configuration: YAML files merged onto dataclasses, validated before any work starts.
+
+A config folder (``configs/demo/``, ``configs/pixart-xl2/``) holds ``base.yaml`` (what every stage
+shares) and ``stage1.yaml`` … ``stage3.yaml`` (what each stage changes). A stage's config is
+``StageConfig`` defaults ← base.yaml ← stageN.yaml ← command-line ``key=value`` overrides
+(``stage2.optim.lr=1e-4`` targets one stage). Unknown keys, wrong types and impossible
+combinations raise :class:`ConfigError` naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .diffusion.gaussian_diffusion import PREDICTIONS
+from .diffusion.sampling import SAMPLERS
+from .models.config import MODEL_SIZES, PixArtConfig
+
+STAGES = (1, 2, 3)
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+PIXEL_SPACE = "pixel"
+TINY_T5 = "tiny"
+
+
+class ConfigError(ValueError):
+    """A config problem found before training starts; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    size: str = "PixArt-XL/2"
+    """A named size (``PixArt-XL/2``, ``PixArt-tiny/4``, …); the fields below override it when set."""
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    learn_sigma: bool = True
+    num_classes: int = 1000
+    """Stage 1's class count (ImageNet: 1000)."""
+    class_dropout_prob: float = 0.1
+    """Probability of dropping the label (stage 1) or caption (stages 2-3) for classifier-free guidance."""
+    interpolation_scale: float | None = None
+    """Position-embedding scale at this stage's base resolution; None: resolution / 512 (PixArt-α)."""
+    gradient_checkpointing: bool = False
+    init_from: str | None = None
+    """Stage 1 only: a DiT / PixArt checkpoint (file or diffusers folder) to start from."""
+
+
+@dataclass(kw_only=True)
+class DiffusionSection:
+    prediction: str = "epsilon"
+    """What the mean channels predict: ``epsilon`` (the paper) or ``v``."""
+
+
+@dataclass(kw_only=True)
+class TextEncoderSection:
+    name: str = "DeepFloyd/t5-v1_1-xxl"
+    """Hub id or folder of a T5 encoder; ``tiny`` builds the offline demo encoder under the run folder."""
+    max_length: int = 120
+    dtype: str = "bf16"
+    """Weights dtype of the frozen encoder (``fp32``, ``bf16``, ``fp16``)."""
+
+
+@dataclass(kw_only=True)
+class VAESection:
+    name: str = "stabilityai/sd-vae-ft-ema"
+    """Hub id or folder of an AutoencoderKL; ``pixel`` trains in pixel space (the demo: no VAE to download)."""
+    scale_factor: float = 0.18215
+
+
+@dataclass(kw_only=True)
+class SynthSection:
+    """The embedded shapes world, written to ``data.shards`` when that folder holds no dataset yet."""
+
+    count: int = 20000
+    seed: int = 0
+    two_shape_fraction: float = 0.0
+    samples_per_shard: int = 2000
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    shards: str = ""
+    """A folder of ``.tar`` shards, a brace pattern (``data/{000000..000099}.tar``) or an image folder."""
+    synth: SynthSection | None = None
+    resolution: int = 256
+    """Image side in pixels (the base size of the aspect-ratio buckets when ``multi_scale``)."""
+    multi_scale: bool = False
+    """Aspect-ratio buckets (PixArt-α's 0.25-4.0 table scaled to ``resolution``), one bucket per batch."""
+    min_ratio: float = 0.25
+    max_ratio: float = 4.0
+    min_aesthetic: float | None = None
+    """Keep only samples whose ``aesthetic`` score (in their json) is at least this."""
+    caption_key: str = "txt"
+    """Which caption trains the text stages: ``txt`` (the dense caption) or a json field name."""
+    batch_size: int = 64
+    """Per device."""
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 2e-5
+    scale_lr: bool = False
+    """Multiply ``lr`` by sqrt(global batch / 256), as PixArt-α's auto-LR."""
+    weight_decay: float = 0.03
+    eps: float = 1e-10
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 1000
+    grad_clip: float = 0.01
+    """Max gradient norm; 0 turns clipping off."""
+    ema_rate: float = 0.9999
+    """EMA of the weights, kept in fp32 outside the optimizer; 0 turns it off."""
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    max_steps: int = 1000
+    precision: str = "bf16-mixed"
+    accelerator: str = "auto"
+    devices: int = 1
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    """Steps between resumable checkpoints (``last.ckpt``, overwritten atomically)."""
+    threads: int | None = None
+    """torch CPU threads (None leaves torch's default)."""
+    progress_bar: bool = True
+
+
+@dataclass(kw_only=True)
+class SamplesSection:
+    """The fixed-prompt sample grid logged to TensorBoard and saved as PNG."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Stage 2-3 prompts; stage 1 uses ``labels``."""
+    labels: list[int] = field(default_factory=list)
+    seed: int = 0
+    every_n_steps: int = 0
+    """0: only at the end of the stage."""
+    cfg_scales: list[float] = field(default_factory=lambda: [4.5])
+    sampler: str = "dpm++"
+    steps: int = 20
+    use_ema: bool = True
+    scale: int = 1
+    """Enlarge the saved PNG grid (nearest neighbour) for tiny demo images."""
+
+
+@dataclass(kw_only=True)
+class EvalSection:
+    alignment_prompts: int = 0
+    """Shapes-world prompts (wording never seen in training) scored at the end of the stage; 0: off."""
+    seed: int = 0
+    cfg_scale: float = 4.5
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    name: str = "run"
+    stage: int = 1
+    out_dir: str = "runs/${name}"
+    """Outputs go to ``<out_dir>/stage<N>/``; other paths may refer to it as ``${out_dir}``."""
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    """Optional consecutive sub-runs of this stage (e.g. 512 px then 1024 px), each a dict of overrides
+    plus a ``name``; each starts from the previous one's weights."""
+    model: ModelSection = field(default_factory=ModelSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    vae: VAESection = field(default_factory=VAESection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    samples: SamplesSection = field(default_factory=SamplesSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir)
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel: 1 in pixel space, 8 for the SD VAE (read from the VAE once loaded)."""
+        return 1 if self.vae.name == PIXEL_SPACE else 8
+
+    @property
+    def text_mode(self) -> bool:
+        return self.stage >= 2
+
+    def pixart_config(self, **extra: Any) -> PixArtConfig:
+        """The backbone config this stage trains (before any handoff changes)."""
+        m = self.model
+        overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(m, k)}
+        scale = m.interpolation_scale or self.data.resolution / 512
+        fields: dict[str, Any] = dict(
+            learn_sigma=m.learn_sigma,
+            class_dropout_prob=m.class_dropout_prob,
+            sample_size=self.data.resolution // self.latent_factor,
+            interpolation_scale=scale,
+            mode="text" if self.text_mode else "class",
+            num_classes=m.num_classes,
+            micro_conditions=self.stage == 3 and self.data.multi_scale,
+        )
+        if PIXEL_SPACE == self.vae.name:
+            fields["in_channels"] = 3
+        return PixArtConfig.from_name(m.size, **overrides, **{**fields, **extra})
+
+
+def _choices_check(problems: list[str], key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        problems.append(f"{key}={value!r}: valid choices are {', '.join(map(str, choices))}")
+
+
+def validate(cfg: StageConfig) -> StageConfig:
+    """Collect every cross-field problem, then raise once (so a user fixes them in one go)."""
+    problems: list[str] = []
+    _choices_check(problems, "stage", cfg.stage, STAGES)
+    _choices_check(problems, "model.size", cfg.model.size, tuple(MODEL_SIZES))
+    _choices_check(problems, "diffusion.prediction", cfg.diffusion.prediction, PREDICTIONS)
+    _choices_check(problems, "samples.sampler", cfg.samples.sampler, SAMPLERS)
+    _choices_check(problems, "train.precision", cfg.train.precision, PRECISIONS)
+    _choices_check(problems, "text_encoder.dtype", cfg.text_encoder.dtype, ("fp32", "bf16", "fp16"))
+    if not cfg.data.shards:
+        problems.append("data.shards is empty: give a shard folder, a brace pattern or an image folder")
+    for key, value in [("data.batch_size", cfg.data.batch_size), ("train.max_steps", cfg.train.max_steps),
+                       ("data.resolution", cfg.data.resolution), ("train.checkpoint_every", cfg.train.checkpoint_every)]:
+        if value <= 0:
+            problems.append(f"{key}={value}: must be positive")
+    if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
+        problems.append(f"optim.lr={cfg.optim.lr}: must be a positive number")
+    if not 0 <= cfg.optim.ema_rate < 1:
+        problems.append(f"optim.ema_rate={cfg.optim.ema_rate}: must be in [0, 1)")
+    if cfg.model.init_from and cfg.stage != 1:
+        problems.append("model.init_from is for stage 1; stages 2 and 3 start from the previous stage's weights")
+    if cfg.data.multi_scale and cfg.stage != 3:
+        problems.append("data.multi_scale is stage 3's (aspect-ratio buckets and micro-conditions)")
+    if cfg.model.size in MODEL_SIZES:
+        patch = cfg.model.patch_size or PixArtConfig.from_name(cfg.model.size).patch_size
+        granularity = patch * cfg.latent_factor
+        if cfg.data.resolution % granularity:
+            problems.append(f"data.resolution={cfg.data.resolution} is not divisible by patch size x VAE factor "
+                            f"= {patch} x {cfg.latent_factor}")
+        else:
+            try:
+                cfg.pixart_config()
+            except ValueError as err:
+                problems.append(f"model: {err}")
+    for i, phase in enumerate(cfg.phases):
+        if "name" not in phase:
+            problems.append(f"phases[{i}] needs a name (it names the sub-run folder)")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _section_fields(path: str) -> list[str]:
+    """Valid keys at a dotted path of StageConfig ("" for the top level)."""
+    cls: Any = StageConfig
+    for part in [p for p in path.split(".") if p]:
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        if part not in types:
+            return []
+        hint = str(types[part]).split("|")[0].strip()
+        cls = _SECTIONS.get(hint)
+        if cls is None:
+            return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+_SECTIONS = {c.__name__: c for c in (ModelSection, DiffusionSection, TextEncoderSection, VAESection, SynthSection,
+                                     DataSection, OptimSection, TrainSection, SamplesSection, EvalSection)}
+
+
+def _merge(*layers: Any) -> StageConfig:
+    """Merge layers onto the schema; omegaconf errors become one-line ConfigErrors naming the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(StageConfig), *layers)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        key = err.full_key or str(err.key)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = _section_fields(parent)
+        raise ConfigError(f"unknown key {key!r}" + (f"; valid keys there: {', '.join(valid)}" if valid else "")) from None
+    except ValidationError as err:
+        raise ConfigError(f"{err.full_key}: {str(err).splitlines()[0]}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+
+
+def stage_overrides(overrides: list[str], stage: int) -> DictConfig:
+    """``key=value`` pairs for this stage: plain keys apply to every stage, ``stageN.key`` to stage N only."""
+    picked = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        head, _, rest = key.partition(".")
+        if head in {f"stage{s}" for s in STAGES}:
+            if head == f"stage{stage}":
+                picked.append(f"{rest}={value}")
+        else:
+            picked.append(item)
+    try:
+        return OmegaConf.from_dotlist(picked)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad override: {err}") from None
+
+
+def load_stage(folder: str | Path, stage: int, overrides: list[str] | None = None) -> StageConfig:
+    """Load ``folder/base.yaml`` + ``folder/stage<N>.yaml`` + overrides as a validated StageConfig."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"config folder {folder} does not exist (try configs/demo)")
+    stage_file = folder / f"stage{stage}.yaml"
+    if not stage_file.is_file():
+        found = sorted(p.stem for p in folder.glob("stage*.yaml"))
+        raise ConfigError(f"{stage_file} does not exist; this config has {', '.join(found) or 'no stages'}")
+    layers = [OmegaConf.load(p) for p in (folder / "base.yaml", stage_file) if p.is_file()]
+    layers.append(OmegaConf.create({"stage": stage}))
+    layers.append(stage_overrides(overrides or [], stage))
+    try:
+        return validate(_merge(*layers))
+    except ConfigError as err:
+        raise ConfigError(f"{stage_file}: {err}") from None
+
+
+def phase_configs(cfg: StageConfig) -> list[tuple[str | None, StageConfig]]:
+    """The stage's sub-runs: ``[(None, cfg)]``, or one validated config per entry of ``phases``."""
+    if not cfg.phases:
+        return [(None, cfg)]
+    base = OmegaConf.structured(dataclasses.replace(cfg, phases=[]))
+    out = []
+    for phase in cfg.phases:
+        changes = OmegaConf.create({k: v for k, v in phase.items() if k != "name"})
+        out.append((str(phase["name"]), validate(_merge(base, changes))))
+    return out
+
+
+def to_yaml(cfg: StageConfig) -> str:
+    """The resolved config as YAML (saved in every run folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

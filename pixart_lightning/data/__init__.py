@@ -1,0 +1,1 @@
+"""Data: the synthetic shapes world, shard reading/writing, aspect-ratio buckets."""

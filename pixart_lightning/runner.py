@@ -1,0 +1,300 @@
+"""The stage-chaining runner: stage 1 -> 2 -> 3, each starting from the previous one's final weights.
+
+Every stage (or phase of a stage) is a *unit* with its own folder ``runs/<name>/stage<N>[/<phase>]/``:
+
+- ``config.yaml``: the resolved config; ``tensorboard/``: the logs; ``samples/``: PNG grids;
+- ``checkpoints/last.ckpt``: the resumable Lightning checkpoint (written atomically);
+- ``final.safetensors`` (+ ``final-ema.safetensors``): the weights handed to the next unit;
+- ``manifest.json``: status, the parent checkpoint and its sha256, hashes of the outputs, timings.
+
+A unit whose manifest says ``done`` is skipped; an interrupted one resumes from ``last.ckpt`` with
+the same data order; a unit whose parent is missing says which stage to run first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from callbacks.samples import SampleGrid
+from stages import STAGE_MODULES
+
+from .config import PIXEL_SPACE, STAGES, TINY_T5, ConfigError, StageConfig, load_stage, phase_configs, to_yaml
+from .data.buckets import bucket_table
+from .data.module import ShardDataModule
+from .data.shards import StreamSpec
+from .data.synth import synthesize
+from .evaluation import alignment
+from .interop import load_weights, save_weights
+from .models import PixArt
+from .text_encoder import T5TextEncoder
+from .tiny_models import build_tiny_t5
+from .vae import VAE, PixelSpace
+
+FINAL, FINAL_EMA, MANIFEST = "final.safetensors", "final-ema.safetensors", "manifest.json"
+
+
+class RunnerError(RuntimeError):
+    """A run cannot proceed as asked (missing parent stage, changed parent); the message says what to do."""
+
+
+@dataclass
+class Unit:
+    """One training run: a stage, or one phase of a multi-phase stage."""
+
+    stage: int
+    phase: str | None
+    cfg: StageConfig
+
+    @property
+    def dir(self) -> Path:
+        base = self.cfg.run_dir / f"stage{self.stage}"
+        return base / self.phase if self.phase else base
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.stage}" + (f" ({self.phase})" if self.phase else "")
+
+    def manifest(self) -> dict[str, Any]:
+        path = self.dir / MANIFEST
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
+    def done(self) -> bool:
+        return self.manifest().get("status") == "done" and (self.dir / FINAL).is_file()
+
+
+def plan(folder: str | Path, overrides: list[str] | None = None) -> list[Unit]:
+    """Every unit of the config folder, in order; all configs are validated before anything runs."""
+    stage_numbers = [s for s in STAGES if (Path(folder) / f"stage{s}.yaml").is_file()]
+    if not stage_numbers:
+        raise ConfigError(f"{folder} holds no stage1.yaml, stage2.yaml or stage3.yaml")
+    units = []
+    for stage in stage_numbers:
+        cfg = load_stage(folder, stage, overrides)
+        units += [Unit(stage, phase, phase_cfg) for phase, phase_cfg in phase_configs(cfg)]
+    return units
+
+
+def run(
+    folder: str | Path, stages: list[int] | None = None, overrides: list[str] | None = None,
+    callbacks: list[L.Callback] | None = None,
+) -> list[Unit]:
+    """Run the selected stages of a config folder (all by default), chaining their weights.
+
+    ``callbacks`` are added to every unit's Trainer (e.g. extra monitoring).
+    """
+    units = plan(folder, overrides)
+    present = sorted({u.stage for u in units})
+    stages = stages or present
+    unknown = sorted(set(stages) - set(present))
+    if unknown:
+        raise ConfigError(f"--stages {unknown}: this config has stages {present}")
+    selected = [u for u in units if u.stage in stages]
+    for unit in selected:
+        parent = units[units.index(unit) - 1] if units.index(unit) > 0 else None
+        run_unit(unit, parent, folder, callbacks)
+    return selected
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary name and renamed: a crash never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- building blocks
+def text_encoder_path(cfg: StageConfig) -> str:
+    """Hub id or folder of the T5; ``tiny`` means the offline encoder built once per run name."""
+    if cfg.text_encoder.name != TINY_T5:
+        return cfg.text_encoder.name
+    folder = cfg.run_dir / "models" / "t5"
+    if not (folder / "config.json").is_file():
+        tmp = folder.with_name("t5.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_t5(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return str(folder)
+
+
+def load_text_encoder(name: str, max_length: int = 120, dtype: str = "fp32") -> T5TextEncoder:
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return T5TextEncoder.from_pretrained(name, max_length=max_length, dtype=dtypes[dtype])
+
+
+def load_vae(name: str, scale_factor: float = 0.18215) -> VAE | PixelSpace:
+    return PixelSpace() if name == PIXEL_SPACE else VAE.from_pretrained(name, scale_factor=scale_factor)
+
+
+def bucket_sizes(cfg: StageConfig, granularity: int) -> list[tuple[int, int]]:
+    """The stage's aspect-ratio bucket sizes (ratio range applied)."""
+    table = bucket_table(cfg.data.resolution, granularity)
+    return [hw for r, hw in table.items() if cfg.data.min_ratio - 1e-6 <= r <= cfg.data.max_ratio + 1e-6]
+
+
+def stream_spec(cfg: StageConfig, granularity: int) -> StreamSpec:
+    d = cfg.data
+    return StreamSpec(
+        shards=d.shards, batch_size=d.batch_size, resolution=d.resolution, granularity=granularity,
+        multi_scale=d.multi_scale, min_ratio=d.min_ratio, max_ratio=d.max_ratio, min_aesthetic=d.min_aesthetic,
+        caption_key=d.caption_key, shuffle_buffer=d.shuffle_buffer, seed=d.seed,
+    )
+
+
+def prepare_data(cfg: StageConfig, granularity: int) -> None:
+    """Write the embedded world's shards if the config asks for them and they are not there yet."""
+    synth = cfg.data.synth
+    if synth is None:
+        return
+    synthesize(
+        cfg.data.shards, count=synth.count, seed=synth.seed, resolution=cfg.data.resolution,
+        buckets=bucket_sizes(cfg, granularity) if cfg.data.multi_scale else None,
+        two_shape_fraction=synth.two_shape_fraction, samples_per_shard=synth.samples_per_shard,
+        progress=cfg.train.progress_bar,
+    )
+
+
+# ---------------------------------------------------------------------- one unit
+def run_unit(
+    unit: Unit, parent: Unit | None, folder: str | Path = "", callbacks: list[L.Callback] | None = None
+) -> None:
+    """Train one unit to ``max_steps`` (resuming if interrupted) and hand its weights forward."""
+    cfg = unit.cfg
+    if unit.done:
+        print(f"{unit.label}: done already ({unit.dir / FINAL}); delete {unit.dir} to train it again")
+        return
+    parent_weights = _parent_weights(unit, parent, folder)
+    previous = unit.manifest()
+    if previous and parent_weights and previous.get("parent", {}).get("sha256") != sha256(parent_weights):
+        raise RunnerError(f"{unit.label} was started from a different {parent.label} checkpoint than "
+                          f"{parent_weights} holds now; delete {unit.dir} to start it again from the new one")
+    unit.dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    (unit.dir / "config.yaml").write_text(to_yaml(cfg))
+    started = time.time()
+
+    text_path = text_encoder_path(cfg) if cfg.text_mode else None
+    encoder = load_text_encoder(text_path, cfg.text_encoder.max_length, cfg.text_encoder.dtype) if text_path else None
+    vae = load_vae(cfg.vae.name, cfg.vae.scale_factor)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # the fresh parts of the model
+    parent_model = load_weights(parent_weights) if parent_weights else None
+    stage_cls = STAGE_MODULES[unit.stage]
+    model = stage_cls.initial_model(cfg, parent_model, encoder.dim if encoder else None)
+    granularity = model.cfg.patch_size * vae.downsample_factor
+    prepare_data(cfg, granularity)
+    module = stage_cls(cfg, model, vae, encoder)
+
+    manifest = {
+        "stage": unit.stage, "phase": unit.phase, "status": "running", "config": str(unit.dir / "config.yaml"),
+        "parent": {"path": str(parent_weights), "sha256": sha256(parent_weights)} if parent_weights else None,
+        "text_encoder": text_path, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
+        "resolution": cfg.data.resolution, "max_steps": cfg.train.max_steps,
+        "wall_time_s": previous.get("wall_time_s", 0.0),
+    }
+    write_json(unit.dir / MANIFEST, manifest)
+    last = unit.dir / "checkpoints" / "last.ckpt"
+    trainer = L.Trainer(
+        accelerator=cfg.train.accelerator, devices=cfg.train.devices, precision=cfg.train.precision,
+        max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
+        logger=TensorBoardLogger(save_dir=str(unit.dir), name="", version="tensorboard"),
+        callbacks=[
+            ModelCheckpoint(dirpath=unit.dir / "checkpoints", every_n_train_steps=cfg.train.checkpoint_every,
+                            save_top_k=0, save_last=True),
+            SampleGrid(cfg.samples, unit.dir / "samples", cfg.text_mode),
+            *(callbacks or []),
+        ],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=unit.dir, use_distributed_sampler=False,
+    )
+    print(f"{unit.label}: {'resuming from ' + str(last) if last.is_file() else 'training'} -> {unit.dir}", flush=True)
+    try:
+        trainer.fit(module, datamodule=ShardDataModule(stream_spec(cfg, granularity), cfg.data.num_workers),
+                    ckpt_path=str(last) if last.is_file() else None)
+    except BaseException:
+        print(f"{unit.label}: interrupted at step {trainer.global_step}; the same command resumes it from {last}",
+              flush=True)
+        raise
+    finally:
+        manifest["wall_time_s"] += time.time() - started
+        write_json(unit.dir / MANIFEST, manifest)
+    manifest["skipped_samples"] = module.skipped
+    if trainer.global_step < cfg.train.max_steps:
+        raise RunnerError(f"{unit.label} stopped at step {trainer.global_step} of {cfg.train.max_steps}; "
+                          "run the same command again to resume it")
+    if trainer.is_global_zero:
+        _finish(unit, trainer, module, manifest, vae, encoder)
+
+
+def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path | None:
+    if parent is None:
+        return None
+    weights = parent.dir / FINAL
+    if not parent.done:
+        raise RunnerError(
+            f"{unit.label} starts from {parent.label}'s final weights, which do not exist yet ({weights}). "
+            f"Run {parent.label} first: make stage{parent.stage} "
+            f"(or pixart-lightning run {folder or 'CONFIG'} --stages {parent.stage})"
+        )
+    return weights
+
+
+def _finish(unit: Unit, trainer: L.Trainer, module, manifest: dict[str, Any], vae, encoder) -> None:
+    """Save the handoff weights, score alignment if asked, mark the unit done."""
+    cfg = unit.cfg
+    outputs = {"final": save_weights(module.model, unit.dir / FINAL)}
+    if module.ema is not None:
+        outputs["ema"] = save_weights(module.ema.model, unit.dir / FINAL_EMA)
+    manifest["weights"] = {name: {"path": str(p), "sha256": sha256(p)} for name, p in outputs.items()}
+    if cfg.eval.alignment_prompts:
+        model: PixArt = module.sampling_model(cfg.samples.use_ema)
+        result = alignment(
+            model, vae, encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed, height=cfg.data.resolution,
+            width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
+            cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction,
+        )
+        manifest["alignment"] = result
+        write_json(unit.dir / "alignment.json", result)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"eval/{k}": v for k, v in result.items() if k.endswith("accuracy")}, trainer.global_step)
+            logger.save()
+        print(f"{unit.label}: alignment {result['alignment']:.2f} "
+              f"(background {result['background_accuracy']:.2f}, shape colour {result['shape_accuracy']:.2f})")
+    manifest["status"] = "done"
+    manifest["steps"] = cfg.train.max_steps
+    write_json(unit.dir / MANIFEST, manifest)
+    print(f"{unit.label}: done in {manifest['wall_time_s']:.0f} s -> {unit.dir / FINAL}\n"
+          f"  samples: {unit.dir / 'samples'}   TensorBoard: tensorboard --logdir {cfg.run_dir}", flush=True)

@@ -1,0 +1,146 @@
+"""The training step every stage shares: hybrid diffusion loss on the backbone, AdamW, warm-up, EMA.
+
+A stage subclass says only what differs: how its model is made from the previous stage's
+(:meth:`DiffusionStage.initial_model`) and what the model is conditioned on
+(:meth:`DiffusionStage.conditioning`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from pixart_lightning.config import StageConfig
+from pixart_lightning.diffusion import create_diffusion
+from pixart_lightning.ema import EMA
+from pixart_lightning.generate import generate
+from pixart_lightning.models import PixArt
+from pixart_lightning.text_encoder import T5TextEncoder
+from pixart_lightning.vae import VAE, PixelSpace
+
+
+class DiffusionStage(L.LightningModule):
+    """Holds the backbone as ``self.model`` and its average as ``self.ema``; encoders stay unregistered."""
+
+    def __init__(
+        self,
+        cfg: StageConfig,
+        model: PixArt,
+        vae: VAE | PixelSpace,
+        text_encoder: T5TextEncoder | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.ema = EMA(model, cfg.optim.ema_rate) if cfg.optim.ema_rate > 0 else None
+        self.diffusion = create_diffusion(learn_sigma=model.cfg.learn_sigma, prediction=cfg.diffusion.prediction)
+        # Frozen encoders are not submodules: they must not land in checkpoints or the optimizer.
+        self.frozen = {"vae": vae, "text_encoder": text_encoder}
+        self.skipped: dict[str, int] = {}
+        self._last_batch_end: float | None = None
+
+    # ------------------------------------------------------------------ stage hooks
+    @classmethod
+    def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
+        """The model this stage starts from, given the previous stage's final weights (or None)."""
+        raise NotImplementedError
+
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The model's keyword inputs (besides x and t) for a batch."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    @property
+    def vae(self) -> VAE | PixelSpace:
+        return self.frozen["vae"]
+
+    @property
+    def text_encoder(self) -> T5TextEncoder | None:
+        return self.frozen["text_encoder"]
+
+    def on_fit_start(self) -> None:
+        for module in self.frozen.values():
+            if module is not None:
+                module.to(self.device)
+
+    def _step_generator(self) -> torch.Generator:
+        """Timesteps, noise and caption drops for this step are a function of (seed, step, rank).
+
+        So a resumed run draws exactly what an uninterrupted one would have, without saving RNG state.
+        """
+        seed = hash((self.cfg.train.seed, self.global_step, self.global_rank)) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        for reason, n in batch.get("skipped", {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        x0 = self.vae.encode(batch["pixels"].to(self.vae.dtype)).float()
+        kwargs = self.conditioning(batch)
+        gen = self._step_generator()
+        B = x0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=self.device, generator=gen)
+        noise = torch.randn(x0.shape, device=self.device, generator=gen)
+        drop = torch.rand(B, device=self.device, generator=gen) < self.model.cfg.class_dropout_prob
+        kwargs["force_drop_ids"] = drop.long()
+        losses = self.diffusion.training_losses(self.model, x0, t, kwargs, noise)
+        loss = losses["loss"].mean()
+        log = {f"train/{k}": v.mean() for k, v in losses.items()}
+        self.log_dict(log, prog_bar=False, on_step=True, batch_size=B)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping)."""
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.log("train/grad_norm", norm, on_step=True, batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            rate = batch["pixels"].shape[0] * self.trainer.world_size / (now - self._last_batch_end)
+            self.log("train/images_per_s", rate, on_step=True, batch_size=1)
+        self._last_batch_end = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        lr = o.lr
+        if o.scale_lr:  # PixArt-α's auto-LR: sqrt scaling with the global batch
+            lr *= math.sqrt(self.cfg.data.batch_size * self.trainer.world_size / 256)
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+            foreach=True,
+        )
+        warmup = max(1, o.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_model(self, use_ema: bool = True) -> PixArt:
+        return self.ema.model if use_ema and self.ema is not None else self.model
+
+    @torch.no_grad()
+    def sample_images(
+        self, *, prompts: list[str] | None = None, labels: list[int] | None = None, cfg_scale: float = 4.5,
+        seed: int = 0, height: int | None = None, width: int | None = None, use_ema: bool = True,
+    ) -> Tensor:
+        """uint8 images (B, 3, H, W) for fixed prompts or labels, at the stage's resolution by default."""
+        model = self.sampling_model(use_ema)
+        was_training = model.training
+        s = self.cfg.samples
+        images = generate(
+            model, self.vae, prompts=prompts, labels=labels, encoder=self.text_encoder,
+            height=height or self.cfg.data.resolution, width=width or self.cfg.data.resolution,
+            sampler=s.sampler, steps=s.steps, cfg_scale=cfg_scale, seed=seed, prediction=self.cfg.diffusion.prediction,
+        )
+        model.train(was_training)
+        return images

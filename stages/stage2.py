@@ -1,0 +1,35 @@
+"""Stage 2, text-image alignment: the stage-1 trunk learns to follow dense captions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from pixart_lightning.config import StageConfig
+from pixart_lightning.models import PixArt, class_to_text
+
+from .base import DiffusionStage
+
+
+class TextAlignment(DiffusionStage):
+    """Text mode: adaLN-single plus zero-initialised cross-attention over T5 features of the captions."""
+
+    @classmethod
+    def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
+        if parent is None:
+            return PixArt(cfg.pixart_config(caption_channels=caption_channels))
+        if parent.cfg.mode != "class":
+            raise ValueError("stage 2 starts from stage 1's class-conditional model")
+        # Re-parameterise: at t = 500 the new model computes the old one with the label left out.
+        return class_to_text(parent, caption_channels=caption_channels, class_dropout_prob=cfg.model.class_dropout_prob)
+
+    def caption_features(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Precomputed features from the shards when present, else T5 on the fly."""
+        if "caption_features" in batch:
+            return {"y": batch["caption_features"].to(self.device).float(), "mask": batch["caption_mask"].to(self.device)}
+        features, mask = self.text_encoder.encode(batch["caption"], trim=True)
+        return {"y": features.float(), "mask": mask}
+
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.caption_features(batch)

@@ -1,0 +1,33 @@
+"""Stage 3, high aesthetics: fine-tuning on curated data at higher resolution, in aspect-ratio buckets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from pixart_lightning.config import StageConfig
+from pixart_lightning.models import PixArt, to_resolution
+
+from .stage2 import TextAlignment
+
+
+class HighAesthetics(TextAlignment):
+    """Stage 2's model at the new resolution (rescaled positions); micro-conditions when multi-scale."""
+
+    @classmethod
+    def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
+        wanted = cfg.pixart_config(caption_channels=caption_channels)
+        if parent is None:
+            return PixArt(wanted)
+        if parent.cfg.mode != "text":
+            raise ValueError("stage 3 starts from stage 2's text-conditional model")
+        return to_resolution(parent, wanted.sample_size, micro_conditions=wanted.micro_conditions)
+
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        kwargs = self.caption_features(batch)
+        if self.model.cfg.micro_conditions:
+            # PixArt-α: the original image size and the bucket's aspect ratio, raw values.
+            kwargs["resolution"] = batch["original_size"].to(self.device)
+            kwargs["aspect_ratio"] = batch["aspect_ratio"].to(self.device)
+        return kwargs
