@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 # clean-fid needs a torchvision built for the installed torch; this pair lies on local disk here.
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# `make stage2 CONFIG=configs/pixart-xl2 RUN_ARGS="optim.lr=1e-4"`
+CONFIG ?= configs/demo
+RUN_ARGS ?=
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo stage1 stage2 stage3 tensorboard bench clean
 
 venv: $(VENV)/.installed
 
@@ -30,8 +33,15 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# The three stages of the embedded default, offline, in minutes on 2 CPU cores.
 demo: venv
-	$(VENV)/bin/pixart-lightning demo --out runs/demo
+	$(VENV)/bin/pixart-lightning run configs/demo $(RUN_ARGS)
+
+stage1 stage2 stage3: venv
+	$(VENV)/bin/pixart-lightning run $(CONFIG) --stages $(subst stage,,$@) $(RUN_ARGS)
+
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
 
 bench: venv
 	$(PY) benchmarks/backbone_step.py

@@ -119,8 +119,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from .data.synth import synthesize
 
-    synthesize(args.out, count=args.count, seed=args.seed, resolution=args.resolution,
-               two_shape_fraction=args.two_shape_fraction, samples_per_shard=args.samples_per_shard)
+    buckets = [tuple(int(v) for v in size.split("x")) for size in args.buckets.split(",")] if args.buckets else None
+    synthesize(args.out, count=args.count, seed=args.seed, resolution=args.resolution, buckets=buckets,
+               two_shape_fraction=args.two_shape_fraction, min_aesthetic=args.min_aesthetic,
+               samples_per_shard=args.samples_per_shard)
 
 
 def cmd_eval_alignment(args: argparse.Namespace) -> None:
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--buckets", help="image sizes HxW to draw from, e.g. 24x48,32x32,48x24 (default: square)")
+    p.add_argument("--min-aesthetic", type=float, help="keep only scenes whose aesthetic score reaches this")
     p.add_argument("--two-shape-fraction", type=float, default=0.0)
     p.add_argument("--samples-per-shard", type=int, default=2000)
     p.set_defaults(func=cmd_data_synth)

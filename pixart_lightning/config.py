@@ -81,6 +81,8 @@ class SynthSection:
     count: int = 20000
     seed: int = 0
     two_shape_fraction: float = 0.0
+    templates: list[int] | None = None
+    """Caption templates to draw from (indices into ``world.TEMPLATES``); None: all."""
     samples_per_shard: int = 2000
 
 

@@ -107,7 +107,21 @@ def run(
     for unit in selected:
         parent = units[units.index(unit) - 1] if units.index(unit) > 0 else None
         run_unit(unit, parent, folder, callbacks)
+    print_summary(selected)
     return selected
+
+
+def print_summary(units: list[Unit]) -> None:
+    """One line per unit: wall time, alignment (embedded world) and where to look."""
+    print("\nsummary:")
+    for unit in units:
+        m = unit.manifest()
+        score = m.get("alignment", {}).get("alignment")
+        print(f"  {unit.label:16s} {m.get('wall_time_s', 0):7.0f} s   "
+              + (f"alignment {score:.2f}   " if score is not None else "")
+              + f"samples: {unit.dir / 'samples' / 'final.png'}")
+    if units:
+        print(f"  TensorBoard: tensorboard --logdir {units[0].cfg.run_dir}   (or: make tensorboard)")
 
 
 def sha256(path: Path) -> str:
@@ -144,7 +158,7 @@ def text_encoder_path(cfg: StageConfig) -> str:
     if not (folder / "config.json").is_file():
         tmp = folder.with_name("t5.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_t5(tmp)
+        build_tiny_t5(tmp, d_model=64, d_ff=128)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     return str(folder)
@@ -182,7 +196,7 @@ def prepare_data(cfg: StageConfig, granularity: int) -> None:
     synthesize(
         cfg.data.shards, count=synth.count, seed=synth.seed, resolution=cfg.data.resolution,
         buckets=bucket_sizes(cfg, granularity) if cfg.data.multi_scale else None,
-        two_shape_fraction=synth.two_shape_fraction, samples_per_shard=synth.samples_per_shard,
+        two_shape_fraction=synth.two_shape_fraction, templates=synth.templates, samples_per_shard=synth.samples_per_shard,
         progress=cfg.train.progress_bar,
     )
 

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
 from pixart_lightning.hub import load_pretrained, pipeline_subfolder
+from pixart_lightning.models.pixart import sincos_1d
 
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
+FEATURE_OPTIONS = "pixart_lightning_features.json"
+"""Beside a tiny offline encoder: ``{"position_code": true}`` adds a sinusoidal position code to its features."""
 
 
 class T5TextEncoder(nn.Module):
     """Tokenizer plus frozen ``T5EncoderModel``; always in eval mode."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: T5EncoderModel, max_length: int = 120):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, model: T5EncoderModel, max_length: int = 120,
+        position_code: bool = False,
+    ):
         super().__init__()
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
+        self.position_code = position_code
 
     @classmethod
     def from_pretrained(
@@ -47,7 +56,9 @@ class T5TextEncoder(nn.Module):
         if dtype is not None:
             model_kwargs["dtype"] = dtype
         model = load_pretrained(T5EncoderModel.from_pretrained, name_or_path, "T5 text encoder", **model_kwargs)
-        return cls(tokenizer, model.to(device), max_length)
+        options_file = Path(name_or_path) / FEATURE_OPTIONS
+        options = json.loads(options_file.read_text()) if options_file.is_file() else {}
+        return cls(tokenizer, model.to(device), max_length, position_code=bool(options.get("position_code")))
 
     @property
     def dim(self) -> int:
@@ -83,4 +94,7 @@ class T5TextEncoder(nn.Module):
             length = int(mask.sum(dim=1).max())
             ids, mask = ids[:, :length], mask[:, :length]
         features = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.position_code:
+            positions = torch.arange(features.shape[1], dtype=torch.float64)
+            features = features + sincos_1d(features.shape[2], positions).to(features.device, features.dtype)
         return features, mask

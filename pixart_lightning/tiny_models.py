@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import string
@@ -15,6 +16,8 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 # The shapes world owns its words; they stay importable from here for the tokenizer's users.
 from pixart_lightning.data.world import SHAPES_VOCAB as SHAPES_VOCAB
 from pixart_lightning.data.world import shapes_corpus as shapes_corpus
+
+from .text_encoder import FEATURE_OPTIONS
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5 expects
 # Any word is cheaper whole than spelled out, so known words never split; unknown ones fall back to characters.
@@ -41,6 +44,7 @@ def build_tiny_t5(
     d_ff: int = 64,
     seed: int = 0,
     order_aware: bool = True,
+    position_code: bool = True,
 ) -> Path:
     """Save a word-level tokenizer and a random ``T5EncoderModel`` (v1.1 style) to ``out_dir``; order-aware by default.
 
@@ -54,6 +58,11 @@ def build_tiny_t5(
     the neighbour's part and blurred the token's own, so it is left as is), and the second layer widens the window
     to +-2. Everything else is the plain random initialisation, and the folder is an ordinary ``from_pretrained``
     checkpoint whose features are ``last_hidden_state``. ``order_aware=False`` is the plain init: the tests' control.
+
+    ``position_code`` also marks the folder so that :class:`~pixart_lightning.text_encoder.T5TextEncoder` adds a
+    fixed sinusoidal code of each token's position to the features. Relative offsets alone do not tell the shape's
+    colour word from the background's in minutes of training; in the demo calibration (docs/demo.md) absolute
+    position was what made colour binding learnable. A real T5 learns this; its folders carry no such mark.
     """
     out_dir = Path(out_dir)
     tokenizer = word_level_t5_tokenizer(shapes_corpus() if corpus is None else corpus)
@@ -80,6 +89,8 @@ def build_tiny_t5(
         _attend_to_neighbours(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if position_code:
+        (out_dir / FEATURE_OPTIONS).write_text(json.dumps({"position_code": True}) + "\n")
     return out_dir
 
 

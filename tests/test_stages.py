@@ -155,3 +155,22 @@ def test_plan_validates_every_stage_first(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="stage3|resolution"):
         plan(DEMO, small(tmp_path, "stage3.data.resolution=30"))
     assert not (tmp_path / "stage1").exists()
+
+
+def test_sample_and_eval_commands(three_stages: Path, tmp_path: Path, capsys) -> None:
+    """`sample` writes PNGs for prompts (stage 3) and labels (stage 1); `eval alignment` reports a score."""
+    from pixart_lightning.cli import main
+
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(three_stages / "stage3"), "--prompt", "a large red circle in the center on a "
+                 "white background", "--num", "2", "--steps", "2", "--width", "48", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000-00.png", "000-01.png", "grid.png"]
+    from PIL import Image
+
+    assert Image.open(out / "000-00.png").size == (48, 24)
+    assert main(["sample", "--ckpt", str(three_stages / "stage1" / "final.safetensors"), "--label", "3",
+                 "--num", "1", "--steps", "2", "--out", str(tmp_path / "s1")]) == 0
+    assert main(["sample", "--ckpt", str(three_stages / "stage1"), "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert "needs --label" in capsys.readouterr().err
+    assert main(["eval", "alignment", "--ckpt", str(three_stages / "stage2"), "--num", "4", "--steps", "2"]) == 0
+    assert "alignment:" in capsys.readouterr().out

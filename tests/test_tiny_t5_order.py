@@ -26,9 +26,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     """The default (order-aware) build, a second identical build, and the plain random control, all seed 0."""
     root = tmp_path_factory.mktemp("t5_order")
     return {
-        "order_aware": build_tiny_t5(root / "a", seed=0),
-        "rebuilt": build_tiny_t5(root / "b", seed=0, order_aware=True),
-        "control": build_tiny_t5(root / "c", seed=0, order_aware=False),
+        # The T5 itself is under test here, so without the wrapper's position code.
+        "order_aware": build_tiny_t5(root / "a", seed=0, position_code=False),
+        "rebuilt": build_tiny_t5(root / "b", seed=0, order_aware=True, position_code=False),
+        "control": build_tiny_t5(root / "c", seed=0, order_aware=False, position_code=False),
     }
 
 
@@ -115,3 +116,17 @@ def test_each_head_attends_to_its_offset(folders):
             queries = [q for q in range(length) if 0 <= q + offset < length]
             weights = layer[0, head, queries, [q + offset for q in queries]]
             assert weights.min() > 0.999, (head, offset, weights)  # measured >= 0.9999
+
+
+def test_position_code_marks_only_the_tiny_folder(tmp_path) -> None:
+    """A marked folder gets sin-cos positions added to its features; an unmarked (real) one does not."""
+    from pixart_lightning.models.pixart import sincos_1d
+
+    marked = T5TextEncoder.from_pretrained(build_tiny_t5(tmp_path / "marked", seed=0))
+    plain = T5TextEncoder.from_pretrained(build_tiny_t5(tmp_path / "plain", seed=0, position_code=False))
+    assert marked.position_code and not plain.position_code
+    caption = ["a large red circle in the center on a white background"]
+    with_code, mask = marked.encode(caption, trim=True)
+    without, _ = plain.encode(caption, trim=True)
+    code = sincos_1d(without.shape[2], torch.arange(without.shape[1], dtype=torch.float64)).float()
+    torch.testing.assert_close(with_code[0], without[0] + code)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -308,7 +307,3 @@ def collate(samples: Sequence[dict[str, Any]], ratio: float, skipped: dict[str, 
             batch["caption_mask"][i, : f.shape[0]] = 1
     return batch
 
-
-def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
-    """Rough steps per pass over ``count`` samples (for progress messages only)."""
-    return max(1, math.floor(count / (batch_size * world_size)))

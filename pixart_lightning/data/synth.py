@@ -22,7 +22,8 @@ MAX_ATTEMPTS = 1000  # resamples of one sample before the filters are declared u
 
 
 def _draw(
-    seed: int, index: int, sizes: Sequence[tuple[int, int]], two_shape_fraction: float, min_aesthetic: float | None
+    seed: int, index: int, sizes: Sequence[tuple[int, int]], two_shape_fraction: float, min_aesthetic: float | None,
+    templates: Sequence[int] | None = None,
 ) -> tuple[world.Scene, str, tuple[int, int], int, int]:
     """Sample ``index``: its scene, caption, size, and how many held-out and low-score draws it skipped."""
     rng = np.random.default_rng([seed, index])
@@ -30,7 +31,7 @@ def _draw(
     held_out = filtered = 0
     for _ in range(MAX_ATTEMPTS):
         scene = world.sample_scene(rng, two_shape_fraction)
-        caption = world.caption_for(scene, rng)
+        caption = world.caption_for(scene, rng, templates)
         if world.is_held_out(caption):
             held_out += 1
         elif min_aesthetic is not None and world.aesthetic_score(scene) < min_aesthetic:
@@ -92,7 +93,7 @@ def _write(folder: Path, params: dict, progress: bool) -> dict:
     with wds.ShardWriter(pattern, maxcount=params["samples_per_shard"], verbose=0, mtime=0, encoder=False) as sink:
         for i in tqdm(range(params["count"]), desc="shapes world", unit="img", disable=not progress):
             scene, caption, (h, w), skipped_held, skipped_low = _draw(
-                params["seed"], i, sizes, params["two_shape_fraction"], params["min_aesthetic"]
+                params["seed"], i, sizes, params["two_shape_fraction"], params["min_aesthetic"], params["templates"]
             )
             sink.write(_encode(i, scene, caption, h, w))
             counts[f"{h}x{w}"] += 1
@@ -117,6 +118,7 @@ def synthesize(
     buckets: Sequence[tuple[int, int]] | None = None,
     two_shape_fraction: float = 0.0,
     min_aesthetic: float | None = None,
+    templates: Sequence[int] | None = None,
     samples_per_shard: int = 1000,
     progress: bool = True,
 ) -> dict:
@@ -132,6 +134,7 @@ def synthesize(
         "buckets": [list(s) for s in sizes] if buckets else None,
         "two_shape_fraction": two_shape_fraction,
         "min_aesthetic": min_aesthetic,
+        "templates": sorted(templates) if templates else None,
         "samples_per_shard": samples_per_shard,
     }
     out = Path(out_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,9 +152,10 @@ def dense_caption(scene: Scene, template: int = 0) -> str:
     return TEMPLATES[template].format(objects=objects, background=scene.background)
 
 
-def caption_for(scene: Scene, rng: np.random.Generator) -> str:
-    """The dense caption with a template chosen uniformly by ``rng``."""
-    return dense_caption(scene, int(rng.integers(len(TEMPLATES))))
+def caption_for(scene: Scene, rng: np.random.Generator, templates: Sequence[int] | None = None) -> str:
+    """The dense caption with a template chosen uniformly by ``rng`` (among ``templates``, default all)."""
+    choices = list(templates) if templates else list(range(len(TEMPLATES)))
+    return dense_caption(scene, choices[int(rng.integers(len(choices)))])
 
 
 def class_label(scene: Scene) -> int:

@@ -1,0 +1,130 @@
+"""The shard reader: sources, bad samples, buckets in step across ranks, exact resume, padded features."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pixart_lightning.data.shards import FEATURE_KEY, DataError, ShardStream, StreamSpec
+from pixart_lightning.data.synth import synthesize
+
+
+@pytest.fixture(scope="module")
+def world_shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards") / "world"
+    synthesize(folder, count=160, seed=0, resolution=16, buckets=[(16, 16), (12, 24), (24, 12)],
+               samples_per_shard=40, progress=False)
+    return folder
+
+
+def spec(shards, **changes) -> StreamSpec:
+    fields = dict(shards=str(shards), batch_size=4, resolution=16, granularity=4, shuffle_buffer=8, seed=3)
+    return StreamSpec(**{**fields, **changes})
+
+
+def take(stream, n: int) -> list[dict]:
+    return list(itertools.islice(iter(stream), n))
+
+
+def png(color: tuple[int, int, int], size=(20, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_batches_carry_images_captions_labels(world_shards: Path) -> None:
+    batch = take(ShardStream(spec(world_shards)), 1)[0]
+    assert batch["pixels"].shape == (4, 3, 16, 16) and batch["pixels"].abs().max() <= 1
+    assert all("background" in c for c in batch["caption"]) and batch["label"].min() >= 0
+
+
+def test_resume_skips_exactly_the_consumed_batches(world_shards: Path) -> None:
+    """With 2 workers, skipping k batches continues with batch k of the uninterrupted stream."""
+    def keys(skip: int, n: int) -> list[list[str]]:
+        loader = DataLoader(ShardStream(spec(world_shards), skip_batches=skip), batch_size=None, num_workers=2)
+        return [b["key"] for b in itertools.islice(loader, n)]
+
+    whole = keys(0, 9)
+    assert keys(5, 4) == whole[5:]
+    assert keys(6, 3) == whole[6:]
+
+
+def test_buckets_same_shape_and_in_step_across_ranks(world_shards: Path) -> None:
+    """Every batch is one bucket; ranks 0 and 1 train the same bucket at each step on different samples."""
+    s = spec(world_shards, multi_scale=True, resolution=16, min_ratio=0.5, max_ratio=2.0)
+    rank0 = take(ShardStream(s, rank=0, world_size=2), 8)
+    rank1 = take(ShardStream(s, rank=1, world_size=2), 8)
+    shapes0 = [b["pixels"].shape for b in rank0]
+    assert shapes0 == [b["pixels"].shape for b in rank1]
+    assert len(set(shapes0)) > 1  # more than one bucket is used
+    assert all(float(b["aspect_ratio"][0]) == pytest.approx(b["pixels"].shape[2] / b["pixels"].shape[3], abs=0.2)
+               for b in rank0)
+    assert not set(rank0[0]["key"]) & set(rank1[0]["key"])
+
+
+def test_image_folder_with_bad_files(tmp_path: Path) -> None:
+    """Image folders load; a corrupt image and an empty caption are skipped and counted."""
+    for i in range(6):
+        (tmp_path / f"img{i}.png").write_bytes(png((40 * i, 0, 0)))
+        (tmp_path / f"img{i}.txt").write_text(f"picture {i}")
+    (tmp_path / "img2.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "img4.txt").write_text("   ")
+    batch = take(ShardStream(spec(tmp_path, batch_size=4, shuffle_buffer=1)), 1)[0]
+    assert sorted(batch["key"]) == ["img0", "img1", "img3", "img5"]
+    assert batch["skipped"] == {"undecodable (UnidentifiedImageError)": 1, "empty or non-UTF-8 caption": 1}
+
+
+def test_truncated_tar_is_skipped_and_counted(tmp_path: Path) -> None:
+    """img2dataset-style tars (.jpg/.txt/.json); a truncated one yields what it can and counts the loss."""
+    def write(name: str, n: int) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w") as tar:
+            for i in range(n):
+                for ext, data in (("png", png((0, 30 * i, 0))), ("txt", b"a green thing"),
+                                  ("json", json.dumps({"aesthetic": 6.0}).encode())):
+                    info = tarfile.TarInfo(f"{name}-{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return path
+
+    write("a.tar", 4)
+    broken = write("b.tar", 4)
+    broken.write_bytes(broken.read_bytes()[:1500])
+    batches = take(ShardStream(spec(tmp_path, batch_size=2, shuffle_buffer=1)), 3)
+    skipped = {k: v for b in batches for k, v in b["skipped"].items()}
+    assert any("unreadable tar" in reason for reason in skipped)
+    assert sum(len(b["key"]) for b in batches) == 6
+
+
+def test_pattern_matching_nothing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="do not exist"):
+        ShardStream(spec(tmp_path / "data-{000000..000009}.tar"))
+    with pytest.raises(DataError, match="no .tar shards and no images"):
+        ShardStream(spec(tmp_path))
+
+
+def test_aesthetic_filter_and_precomputed_features(tmp_path: Path) -> None:
+    """min_aesthetic drops samples; precomputed caption features are padded to the batch's longest."""
+    with tarfile.open(tmp_path / "f.tar", "w") as tar:
+        for i, (score, length) in enumerate([(6.0, 3), (2.0, 5), (7.0, 5), (8.0, 2)]):
+            feats = io.BytesIO()
+            np.save(feats, np.full((length, 8), i, dtype=np.float16))
+            for ext, data in (("png", png((9, 9, 9))), ("txt", b"x"), ("json", json.dumps({"aesthetic": score}).encode()),
+                              (FEATURE_KEY, feats.getvalue())):
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batch = take(ShardStream(spec(tmp_path, batch_size=3, shuffle_buffer=1, min_aesthetic=5.0)), 1)[0]
+    assert batch["key"] == ["000", "002", "003"]
+    assert batch["caption_features"].shape == (3, 5, 8)
+    assert batch["caption_mask"].sum(1).tolist() == [3, 5, 2]
+    assert torch.all(batch["caption_features"][2, 2:] == 0)
