@@ -79,6 +79,8 @@ class Unit:
 
 def plan(folder: str | Path, overrides: list[str] | None = None) -> list[Unit]:
     """Every unit of the config folder, in order; all configs are validated before anything runs."""
+    if not Path(folder).is_dir():
+        raise ConfigError(f"config folder {folder} does not exist (the embedded default is configs/demo)")
     stage_numbers = [s for s in STAGES if (Path(folder) / f"stage{s}.yaml").is_file()]
     if not stage_numbers:
         raise ConfigError(f"{folder} holds no stage1.yaml, stage2.yaml or stage3.yaml")

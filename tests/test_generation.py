@@ -70,13 +70,14 @@ def test_cli_reparam_convert_info_sample(tmp_path, tiny_parts, capsys):
     expected = class_to_text(dit, caption_channels=32).state_dict()
     pinned = [k for k in expected if "scale_shift_table" in k or k.startswith(("t_block", "blocks.0.attn", "final_layer.linear"))]
     assert all(torch.equal(converted[k], expected[k]) for k in pinned)  # the rest is freshly initialised
-    out = tmp_path / "grid.png"
-    assert main(["sample", str(tmp_path / "text-diffusers"), "--prompt", "a red circle", "--prompt", "a blue square",
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(tmp_path / "text-diffusers"), "--prompt", "a red circle", "--prompt", "a blue square",
                  "--text-encoder", str(tiny_parts["t5"]), "--vae", str(tiny_parts["vae"]), "--height", "32", "--width", "32",
-                 "--steps", "3", "--out", str(out)]) == 0
+                 "--num", "1", "--steps", "3", "--out", str(out)]) == 0
     from PIL import Image
 
-    assert Image.open(out).size == (64, 32)
+    assert Image.open(out / "grid.png").size == (32, 64)  # one column per image of a prompt, one row per prompt
+    assert Image.open(out / "001-00.png").size == (32, 32)
 
 
 def test_cli_user_mistakes_exit_2_with_one_line(tmp_path, capsys):

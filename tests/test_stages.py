@@ -174,3 +174,21 @@ def test_sample_and_eval_commands(three_stages: Path, tmp_path: Path, capsys) ->
     assert "needs --label" in capsys.readouterr().err
     assert main(["eval", "alignment", "--ckpt", str(three_stages / "stage2"), "--num", "4", "--steps", "2"]) == 0
     assert "alignment:" in capsys.readouterr().out
+
+
+def test_stage1_initialises_from_a_dit_checkpoint(tmp_path: Path) -> None:
+    """model.init_from loads a class-mode checkpoint by key; a text-mode one is refused."""
+    from pixart_lightning.interop import save_weights
+    from pixart_lightning.interop.state_dicts import IncompatibleCheckpointError
+
+    cfg = load_stage(DEMO, 1, small(tmp_path))
+    dit = PixArt(cfg.pixart_config())
+    torch.nn.init.normal_(dit.final_layer.linear.weight)
+    save_weights(dit, tmp_path / "dit.safetensors")
+    started = STAGE_MODULES[1].initial_model(load_stage(DEMO, 1, small(tmp_path, f"model.init_from={tmp_path}/dit.safetensors")),
+                                             None, None)
+    assert all(torch.equal(v, started.state_dict()[k]) for k, v in dit.state_dict().items())
+    save_weights(PixArt(cfg.pixart_config(mode="text", caption_channels=8)), tmp_path / "text.safetensors")
+    with pytest.raises(IncompatibleCheckpointError, match="class-conditional"):
+        STAGE_MODULES[1].initial_model(load_stage(DEMO, 1, small(tmp_path, f"model.init_from={tmp_path}/text.safetensors")),
+                                       None, None)

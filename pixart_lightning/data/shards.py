@@ -90,9 +90,10 @@ class Skipped:
 
     counts: dict[str, int] = field(default_factory=dict)
 
-    def add(self, reason: str, key: str = "?") -> None:
+    def add(self, reason: str, key: str = "?", warn: bool = True) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        log.warning("skipped sample %s: %s", key, reason)
+        if warn:
+            log.warning("skipped sample %s: %s", key, reason)
 
     def take(self) -> dict[str, int]:
         counts, self.counts = self.counts, {}
@@ -154,9 +155,15 @@ class ShardStream(IterableDataset):
 
     # ----------------------------------------------------------------- stream
     def _slot(self) -> tuple[int, int, int]:
-        """(this worker's slot, number of slots, number of workers)."""
+        """(this worker's slot, number of slots, number of workers).
+
+        A fresh DataLoader always asks worker 0 first, but after skipping B batches the next one
+        belongs to worker B % workers of the unbroken run; so worker w plays that run's worker
+        (w + B) % workers, shards, shuffle and schedule included.
+        """
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        worker = (worker + self.skip_batches) % workers
         return self.rank * workers + worker, self.world_size * workers, workers
 
     def _raw_samples(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
@@ -172,7 +179,8 @@ class ShardStream(IterableDataset):
 
     def _tar_samples(self, url: str) -> Iterator[dict[str, Any]]:
         def handler(err: Exception) -> bool:
-            self.skipped.add(f"unreadable tar data ({type(err).__name__}: {err})", url)
+            log.warning("%s: %s", url, err)
+            self.skipped.add(f"unreadable tar data ({type(err).__name__})", url)
             return True
 
         yield from tarfile_samples([{"url": url}], handler=handler)
@@ -238,7 +246,7 @@ class ShardStream(IterableDataset):
         return text or None
 
     def _to_bucket(self, sample: dict[str, Any]) -> tuple[float, Tensor]:
-        """Resize to cover the sample's bucket, centre-crop, scale to [-1, 1]."""
+        """Resize to cover the sample's bucket and centre-crop; uint8 (3, h, w) until collated."""
         image: Image.Image = sample["image"]
         ratio, (h, w) = nearest_bucket(image.height, image.width, self.buckets)
         scale = max(h / image.height, w / image.width)
@@ -247,8 +255,7 @@ class ShardStream(IterableDataset):
             image = image.resize(size, Image.BICUBIC)
             top, left = (image.height - h) // 2, (image.width - w) // 2
             image = image.crop((left, top, left + w, top + h))
-        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return ratio, array.float() / 127.5 - 1.0
+        return ratio, torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def _schedule(self, batch_index: int) -> float | None:
         if self.schedule_weights is None:
@@ -263,7 +270,9 @@ class ShardStream(IterableDataset):
         # Global batch b comes from worker b % workers (DataLoader round-robin): skip this worker's share.
         to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
         pending: dict[float, deque] = {r: deque() for r in self.buckets}
-        cap = 8 * self.spec.batch_size
+        # Samples of buckets not scheduled now wait; past this many the oldest is dropped (counted, not warned:
+        # the schedule follows the dataset's bucket frequencies, so this only trims random fluctuations).
+        cap = 16 * self.spec.batch_size
         batch_index = worker + to_skip * workers
         target = self._schedule(batch_index)
         for sample in self._decoded(slot, slots):
@@ -273,7 +282,7 @@ class ShardStream(IterableDataset):
             queue.append(sample)
             if target is not None and ratio != target and len(queue) > cap:
                 queue.popleft()
-                self.skipped.add("bucket overflow", sample["key"])
+                self.skipped.add("bucket overflow", sample["key"], warn=False)
             ready = target if target is not None else ratio
             if len(pending[ready]) < self.spec.batch_size:
                 continue
@@ -289,7 +298,7 @@ class ShardStream(IterableDataset):
 def collate(samples: Sequence[dict[str, Any]], ratio: float, skipped: dict[str, int]) -> dict[str, Any]:
     """Stack one bucket's samples; precomputed caption features are padded to the batch's longest."""
     batch: dict[str, Any] = {
-        "pixels": torch.stack([s["pixels"] for s in samples]),
+        "pixels": torch.stack([s["pixels"] for s in samples]).float() / 127.5 - 1.0,
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
