@@ -35,7 +35,6 @@ from stages import STAGE_MODULES
 from .config import PIXEL_SPACE, STAGES, TINY_T5, ConfigError, StageConfig, load_stage, phase_configs, to_yaml
 from .data.buckets import bucket_table
 from .data.module import ShardDataModule
-from .data.shards import StreamSpec
 from .data.synth import synthesize
 from .evaluation import alignment
 from .interop import load_weights, save_weights
@@ -181,15 +180,6 @@ def bucket_sizes(cfg: StageConfig, granularity: int) -> list[tuple[int, int]]:
     return [hw for r, hw in table.items() if cfg.data.min_ratio - 1e-6 <= r <= cfg.data.max_ratio + 1e-6]
 
 
-def stream_spec(cfg: StageConfig, granularity: int) -> StreamSpec:
-    d = cfg.data
-    return StreamSpec(
-        shards=d.shards, batch_size=d.batch_size, resolution=d.resolution, granularity=granularity,
-        multi_scale=d.multi_scale, min_ratio=d.min_ratio, max_ratio=d.max_ratio, min_aesthetic=d.min_aesthetic,
-        caption_key=d.caption_key, shuffle_buffer=d.shuffle_buffer, seed=d.seed,
-    )
-
-
 def prepare_data(cfg: StageConfig, granularity: int) -> None:
     """Write the embedded world's shards if the config asks for them and they are not there yet."""
     synth = cfg.data.synth
@@ -258,7 +248,7 @@ def run_unit(
     )
     print(f"{unit.label}: {'resuming from ' + str(last) if last.is_file() else 'training'} -> {unit.dir}", flush=True)
     try:
-        trainer.fit(module, datamodule=ShardDataModule(stream_spec(cfg, granularity), cfg.data.num_workers),
+        trainer.fit(module, datamodule=ShardDataModule(cfg.data, granularity),
                     ckpt_path=str(last) if last.is_file() else None)
     except BaseException:
         print(f"{unit.label}: interrupted at step {trainer.global_step}; the same command resumes it from {last}",

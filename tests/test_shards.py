@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pixart_lightning.data.shards import FEATURE_KEY, DataError, ShardStream, StreamSpec
+from pixart_lightning.config import DataSection
+from pixart_lightning.data.shards import FEATURE_KEY, DataError, ShardStream
 from pixart_lightning.data.synth import synthesize
 
 
@@ -26,9 +27,9 @@ def world_shards(tmp_path_factory) -> Path:
     return folder
 
 
-def spec(shards, **changes) -> StreamSpec:
-    fields = dict(shards=str(shards), batch_size=4, resolution=16, granularity=4, shuffle_buffer=8, seed=3)
-    return StreamSpec(**{**fields, **changes})
+def spec(shards, **changes) -> DataSection:
+    fields = dict(shards=str(shards), batch_size=4, resolution=16, shuffle_buffer=8, seed=3)
+    return DataSection(**{**fields, **changes})
 
 
 def take(stream, n: int) -> list[dict]:
@@ -61,8 +62,8 @@ def test_resume_skips_exactly_the_consumed_batches(world_shards: Path) -> None:
 def test_buckets_same_shape_and_in_step_across_ranks(world_shards: Path) -> None:
     """Every batch is one bucket; ranks 0 and 1 train the same bucket at each step on different samples."""
     s = spec(world_shards, multi_scale=True, resolution=24, min_ratio=0.5, max_ratio=2.0)
-    rank0 = take(ShardStream(s, rank=0, world_size=2), 8)
-    rank1 = take(ShardStream(s, rank=1, world_size=2), 8)
+    rank0 = take(ShardStream(s, 4, rank=0, world_size=2), 8)
+    rank1 = take(ShardStream(s, 4, rank=1, world_size=2), 8)
     shapes0 = [b["pixels"].shape for b in rank0]
     assert shapes0 == [b["pixels"].shape for b in rank1]
     assert len(set(shapes0)) > 1  # more than one bucket is used

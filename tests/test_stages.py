@@ -82,10 +82,9 @@ def test_all_stages_finish_and_chain(three_stages: Path) -> None:
 def test_stage2_handoff_keeps_stage1(three_stages: Path) -> None:
     """Stage 2's starting loss is far below a fresh text model's on the same batch, and near stage 1's own."""
     from pixart_lightning.data.shards import ShardStream
-    from pixart_lightning.runner import stream_spec
 
     cfg = load_stage(DEMO, 2, small(three_stages, "data.batch_size=48"))
-    batch = next(iter(ShardStream(stream_spec(cfg, 4))))
+    batch = next(iter(ShardStream(cfg.data, granularity=4)))
     encoder_dim = load_text_encoder(str(three_stages / "models" / "t5")).dim
     stage1 = load_weights(three_stages / "stage1" / "final.safetensors")
     handed = STAGE_MODULES[2].initial_model(cfg, stage1, encoder_dim)

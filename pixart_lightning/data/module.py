@@ -6,16 +6,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .shards import ShardStream, StreamSpec
+from ..config import DataSection
+from .shards import ShardStream
 
 
 class ShardDataModule(L.LightningDataModule):
     """Builds the stream when training starts, after Lightning has restored the step from a checkpoint."""
 
-    def __init__(self, spec: StreamSpec, num_workers: int = 2):
+    def __init__(self, spec: DataSection, granularity: int):
         super().__init__()
         self.spec = spec
-        self.num_workers = num_workers
+        self.granularity = granularity
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -23,11 +24,12 @@ class ShardDataModule(L.LightningDataModule):
         consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
         stream = ShardStream(
             self.spec,
+            self.granularity,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             skip_batches=consumed,
         )
         return DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+            stream, batch_size=None, num_workers=self.spec.num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=False, prefetch_factor=4 if self.spec.num_workers else None,
         )

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from ..config import DataSection
 from .buckets import bucket_table, nearest_bucket
 
 log = logging.getLogger(__name__)
@@ -100,30 +101,15 @@ class Skipped:
         return counts
 
 
-@dataclass(kw_only=True)
-class StreamSpec:
-    """Everything that determines the batch stream."""
-
-    shards: str
-    batch_size: int
-    resolution: int
-    granularity: int = 8
-    """Bucket sides are multiples of this (patch size x VAE factor)."""
-    multi_scale: bool = False
-    min_ratio: float = 0.25
-    max_ratio: float = 4.0
-    min_aesthetic: float | None = None
-    caption_key: str = "txt"
-    shuffle_buffer: int = 1000
-    seed: int = 0
-
-
 class ShardStream(IterableDataset):
     """Endless, seeded stream of collated batches for one rank (worker-aware)."""
 
-    def __init__(self, spec: StreamSpec, rank: int = 0, world_size: int = 1, skip_batches: int = 0):
+    def __init__(
+        self, spec: DataSection, granularity: int = 8, rank: int = 0, world_size: int = 1, skip_batches: int = 0
+    ):
+        """``granularity``: bucket sides are multiples of it (patch size x VAE factor)."""
         super().__init__()
-        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.spec, self.granularity, self.rank, self.world_size = spec, granularity, rank, world_size
         self.skip_batches = skip_batches
         self.sources = resolve_sources(spec.shards)
         self.buckets = self._buckets()
@@ -134,7 +120,7 @@ class ShardStream(IterableDataset):
         s = self.spec
         if not s.multi_scale:
             return {1.0: (s.resolution, s.resolution)}
-        table = bucket_table(s.resolution, s.granularity)
+        table = bucket_table(s.resolution, self.granularity)
         return {r: hw for r, hw in table.items() if s.min_ratio - 1e-6 <= r <= s.max_ratio + 1e-6}
 
     def _schedule_weights(self) -> np.ndarray | None:
