@@ -9,6 +9,13 @@ from pathlib import Path
 OUTPUT_FORMATS = ("native", "official", "diffusers")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .hub import ModelNotAvailableError
+    from .runner import RunnerError
+
+    return (ValueError, FileNotFoundError, FileExistsError, ModelNotAvailableError, RunnerError)
+
+
 def _load(args: argparse.Namespace):
     from .interop import load_model
 
@@ -76,9 +83,13 @@ def _run_artifacts(args: argparse.Namespace):
     run = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if ckpt.is_dir() and (ckpt / "final.safetensors").is_file():
         ckpt = ckpt / ("final-ema.safetensors" if (ckpt / "final-ema.safetensors").is_file() else "final.safetensors")
+    elif ckpt.is_dir() and not (ckpt / "config.json").is_file() and list(ckpt.glob("*/final.safetensors")):
+        phases = ", ".join(sorted(p.parent.name for p in ckpt.glob("*/final.safetensors")))
+        raise ValueError(f"{ckpt} is a stage run in phases; pass one of its phase folders ({phases})")
     model = load_model(ckpt)
     text_name = args.text_encoder or run.get("text_encoder") or "DeepFloyd/t5-v1_1-xxl"
-    encoder = load_text_encoder(text_name) if model.cfg.mode == "text" else None
+    encoder = load_text_encoder(text_name, run.get("text_max_length", 120), run.get("text_dtype", "fp32")) \
+        if model.cfg.mode == "text" else None
     vae = load_vae(args.vae or run.get("vae") or "stabilityai/sd-vae-ft-ema")
     prediction = args.prediction or run.get("prediction") or "epsilon"
     resolution = run.get("resolution") or model.cfg.sample_size * vae.downsample_factor
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # user mistakes: one line, no traceback
+    except _user_errors() as err:  # user mistakes: one line, no traceback (real crashes keep theirs)
         message = str(err).strip().splitlines()
         print(f"pixart-lightning {args.command}: error: {message[0] if message else type(err).__name__}", file=sys.stderr)
         for line in message[1:]:

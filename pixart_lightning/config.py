@@ -44,9 +44,11 @@ class ModelSection:
     num_classes: int = 1000
     """Stage 1's class count (ImageNet: 1000)."""
     class_dropout_prob: float = 0.1
-    """Probability of dropping the label (stage 1) or caption (stages 2-3) for classifier-free guidance."""
+    """Probability of dropping the label (stage 1) or caption (stage 2) for classifier-free guidance; stage 3
+    keeps stage 2's."""
     interpolation_scale: float | None = None
-    """Position-embedding scale at this stage's base resolution; None: resolution / 512 (PixArt-α)."""
+    """Position-embedding scale of a freshly built model; None: resolution / 512 (PixArt-α). A handed-over
+    model keeps its own, rescaled with the resolution."""
     gradient_checkpointing: bool = False
     init_from: str | None = None
     """Stage 1 only: a DiT / PixArt checkpoint (file or diffusers folder) to start from."""
@@ -182,6 +184,8 @@ class StageConfig:
     train: TrainSection = field(default_factory=TrainSection)
     samples: SamplesSection = field(default_factory=SamplesSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    overrides: list[str] = field(default_factory=list)
+    """The command-line ``key=value`` overrides this config was loaded with (recorded, not set in YAML)."""
 
     @property
     def run_dir(self) -> Path:
@@ -241,6 +245,11 @@ def validate(cfg: StageConfig) -> StageConfig:
         problems.append(f"optim.ema_rate={cfg.optim.ema_rate}: must be in [0, 1)")
     if cfg.model.init_from and cfg.stage != 1:
         problems.append("model.init_from is for stage 1; stages 2 and 3 start from the previous stage's weights")
+    if cfg.data.min_ratio > cfg.data.max_ratio:
+        problems.append(f"data.min_ratio={cfg.data.min_ratio} is above data.max_ratio={cfg.data.max_ratio}")
+    bad_labels = [label for label in cfg.samples.labels if not 0 <= label < cfg.model.num_classes]
+    if bad_labels:
+        problems.append(f"samples.labels {bad_labels} are outside [0, model.num_classes={cfg.model.num_classes})")
     if cfg.data.multi_scale and cfg.stage != 3:
         problems.append("data.multi_scale is stage 3's (aspect-ratio buckets and micro-conditions)")
     if cfg.model.size in MODEL_SIZES:
@@ -304,6 +313,8 @@ def stage_overrides(overrides: list[str], stage: int) -> DictConfig:
             raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         head, _, rest = key.partition(".")
+        if (rest if head.startswith("stage") and rest else key) in ("stage", "phases"):
+            raise ConfigError(f"override {item!r}: 'stage' and 'phases' come from the config folder's files")
         if head in {f"stage{s}" for s in STAGES}:
             if head == f"stage{stage}":
                 picked.append(f"{rest}={value}")
@@ -328,20 +339,28 @@ def load_stage(folder: str | Path, stage: int, overrides: list[str] | None = Non
     layers.append(OmegaConf.create({"stage": stage}))
     layers.append(stage_overrides(overrides or [], stage))
     try:
-        return validate(_merge(*layers))
+        cfg = validate(_merge(*layers))
+        cfg.overrides = list(overrides or [])
+        return cfg
     except ConfigError as err:
         raise ConfigError(f"{stage_file}: {err}") from None
 
 
 def phase_configs(cfg: StageConfig) -> list[tuple[str | None, StageConfig]]:
-    """The stage's sub-runs: ``[(None, cfg)]``, or one validated config per entry of ``phases``."""
+    """The stage's sub-runs: ``[(None, cfg)]``, or one validated config per entry of ``phases``.
+
+    Command-line overrides are applied again on top of each phase, so they win over the phase's values.
+    """
     if not cfg.phases:
         return [(None, cfg)]
     base = OmegaConf.structured(dataclasses.replace(cfg, phases=[]))
+    again = stage_overrides(cfg.overrides, cfg.stage)
     out = []
     for phase in cfg.phases:
         changes = OmegaConf.create({k: v for k, v in phase.items() if k != "name"})
-        out.append((str(phase["name"]), validate(_merge(base, changes))))
+        phase_cfg = validate(_merge(base, changes, again))
+        phase_cfg.overrides = cfg.overrides
+        out.append((str(phase["name"]), phase_cfg))
     return out
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -134,8 +135,10 @@ def sha256(path: Path) -> str:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON atomically (temporary name, then rename); in a multi-process run only rank 0 writes."""
+    if rank_zero_only.rank != 0:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
 
@@ -155,13 +158,14 @@ def text_encoder_path(cfg: StageConfig) -> str:
     """Hub id or folder of the T5; ``tiny`` means the offline encoder built once per run name."""
     if cfg.text_encoder.name != TINY_T5:
         return cfg.text_encoder.name
-    folder = cfg.run_dir / "models" / "t5"
+    folder = (cfg.run_dir / "models" / "t5").resolve()
     if not (folder / "config.json").is_file():
-        tmp = folder.with_name("t5.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = folder.with_name(f"t5.{os.getpid()}.tmp")  # per process: ranks may build it at the same time
         build_tiny_t5(tmp, d_model=64, d_ff=128)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another rank published it first (same seed, same files)
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
 
 
@@ -210,7 +214,8 @@ def run_unit(
     unit.dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    (unit.dir / "config.yaml").write_text(to_yaml(cfg))
+    if rank_zero_only.rank == 0:
+        (unit.dir / "config.yaml").write_text(to_yaml(cfg))
     started = time.time()
 
     text_path = text_encoder_path(cfg) if cfg.text_mode else None
@@ -227,7 +232,8 @@ def run_unit(
     manifest = {
         "stage": unit.stage, "phase": unit.phase, "status": "running", "config": str(unit.dir / "config.yaml"),
         "parent": {"path": str(parent_weights), "sha256": sha256(parent_weights)} if parent_weights else None,
-        "text_encoder": text_path, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
+        "text_encoder": text_path, "text_max_length": cfg.text_encoder.max_length,
+        "text_dtype": cfg.text_encoder.dtype, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
         "resolution": cfg.data.resolution, "max_steps": cfg.train.max_steps,
         "wall_time_s": previous.get("wall_time_s", 0.0),
     }
@@ -248,11 +254,12 @@ def run_unit(
     )
     print(f"{unit.label}: {'resuming from ' + str(last) if last.is_file() else 'training'} -> {unit.dir}", flush=True)
     try:
-        trainer.fit(module, datamodule=ShardDataModule(cfg.data, granularity),
+        trainer.fit(module, datamodule=ShardDataModule(cfg.data, granularity, captions=cfg.text_mode),
                     ckpt_path=str(last) if last.is_file() else None)
     except BaseException:
-        print(f"{unit.label}: interrupted at step {trainer.global_step}; the same command resumes it from {last}",
-              flush=True)
+        if last.is_file():
+            print(f"{unit.label}: stopped at step {trainer.global_step}; once the cause is fixed, the same command "
+                  f"resumes from {last}", flush=True)
         raise
     finally:
         manifest["wall_time_s"] += time.time() - started
@@ -263,6 +270,7 @@ def run_unit(
                           "run the same command again to resume it")
     if trainer.is_global_zero:
         _finish(unit, trainer, module, manifest, vae, encoder)
+    trainer.strategy.barrier("stage finished")  # no rank starts the next stage before its parent is written
 
 
 def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path | None:

@@ -61,7 +61,7 @@ def build_tiny_t5(
 
     ``position_code`` also marks the folder so that :class:`~pixart_lightning.text_encoder.T5TextEncoder` adds a
     fixed sinusoidal code of each token's position to the features. Relative offsets alone do not tell the shape's
-    colour word from the background's in minutes of training; in the demo calibration (docs/demo.md) absolute
+    colour word from the background's in minutes of training; in the demo calibration (docs/stages.md) absolute
     position was what made colour binding learnable. A real T5 learns this; its folders carry no such mark.
     """
     out_dir = Path(out_dir)

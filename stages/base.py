@@ -101,9 +101,14 @@ class DiffusionStage(L.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.log("train/grad_norm", norm, on_step=True, batch_size=1)
 
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA step (here, not in a batch-end hook: checkpoint callbacks save
+        before the module's batch-end hook runs, which would leave the saved EMA one update behind)."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.model)
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         now = time.perf_counter()
         if self._last_batch_end is not None:
             rate = batch["pixels"].shape[0] * self.trainer.world_size / (now - self._last_batch_end)

@@ -61,3 +61,21 @@ def test_cli_config_error_is_one_line(capsys) -> None:
     assert len(err) == 1 and "optim.lrr" in err[0]
     assert main(["run", str(CONFIGS / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_command_line_overrides_win_over_phases() -> None:
+    """An override applies to every phase; 'stage' and 'phases' cannot be overridden."""
+    from pixart_lightning.config import phase_configs
+
+    cfg = load_stage(CONFIGS / "pixart-xl2", 3, ["data.batch_size=8", "stage3.train.max_steps=10"])
+    assert {(p.data.batch_size, p.train.max_steps) for _, p in phase_configs(cfg)} == {(8, 10)}
+    for bad in ("stage=3", "stage1.phases=[]"):
+        with pytest.raises(ConfigError, match="come from the config folder"):
+            load_stage(CONFIGS / "demo", 1, [bad])
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="min_ratio=3.0 is above"):
+        load_stage(CONFIGS / "demo", 3, ["data.min_ratio=3"])
+    with pytest.raises(ConfigError, match=r"samples.labels \[99\]"):
+        load_stage(CONFIGS / "demo", 1, ["samples.labels=[99]"])

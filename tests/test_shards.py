@@ -130,3 +130,19 @@ def test_aesthetic_filter_and_precomputed_features(tmp_path: Path) -> None:
     assert batch["caption_features"].shape == (3, 5, 8)
     assert batch["caption_mask"].sum(1).tolist() == [3, 5, 2]
     assert torch.all(batch["caption_features"][2, 2:] == 0)
+
+
+def test_stage1_reads_imagenet_style_shards_without_captions(tmp_path: Path) -> None:
+    """jpg + cls samples: accepted when captions are not needed (stage 1), skipped when they are."""
+    with tarfile.open(tmp_path / "in.tar", "w") as tar:
+        for i in range(4):
+            buffer = io.BytesIO()
+            Image.new("RGB", (20, 20), (i * 50, 0, 0)).save(buffer, format="JPEG")
+            for ext, data in (("jpg", buffer.getvalue()), ("cls", str(i + 10).encode())):
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batch = take(ShardStream(spec(tmp_path, shuffle_buffer=1), captions=False), 1)[0]
+    assert batch["label"].tolist() == [10, 11, 12, 13]
+    with pytest.raises(DataError, match="no usable sample"):
+        take(ShardStream(spec(tmp_path, shuffle_buffer=1)), 1)

@@ -79,6 +79,19 @@ def test_all_stages_finish_and_chain(three_stages: Path) -> None:
         assert (folder / "config.yaml").is_file() and (folder / "alignment.json").is_file()
 
 
+def test_tensorboard_has_losses_rates_and_samples(three_stages: Path) -> None:
+    """Loss and its parts, lr, gradient norm, images/s, alignment and the sample grid reach TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(three_stages / "stage2" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/mse", "train/vb", "train/lr", "train/grad_norm", "train/images_per_s",
+            "eval/both_accuracy"} <= scalars
+    assert events.Tags()["images"] == ["samples"]
+    assert len(events.Scalars("train/loss")) == 4
+
+
 def test_stage2_handoff_keeps_stage1(three_stages: Path) -> None:
     """Stage 2's starting loss is far below a fresh text model's on the same batch, and near stage 1's own."""
     from pixart_lightning.data.shards import ShardStream

@@ -13,10 +13,11 @@ from .shards import ShardStream
 class ShardDataModule(L.LightningDataModule):
     """Builds the stream when training starts, after Lightning has restored the step from a checkpoint."""
 
-    def __init__(self, spec: DataSection, granularity: int):
+    def __init__(self, spec: DataSection, granularity: int, captions: bool = True):
         super().__init__()
         self.spec = spec
         self.granularity = granularity
+        self.captions = captions
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -28,6 +29,7 @@ class ShardDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             skip_batches=consumed,
+            captions=self.captions,
         )
         return DataLoader(
             stream, batch_size=None, num_workers=self.spec.num_workers, pin_memory=torch.cuda.is_available(),

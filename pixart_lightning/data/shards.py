@@ -38,7 +38,7 @@ from .buckets import bucket_table, nearest_bucket
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-FEATURE_KEY = "t5.npy"  # precomputed caption features, (L, D) float16/bfloat16-as-uint16 trimmed to the caption
+FEATURE_KEY = "t5.npy"  # precomputed caption features: a float16 or float32 (L, D) array trimmed to the caption
 MANIFEST_NAMES = ("world.json", "manifest.json")
 
 
@@ -72,10 +72,12 @@ def read_manifest(spec: str) -> dict[str, Any]:
     return {}
 
 
-def folder_samples(folder: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of an image folder, in sorted order: image bytes plus any .txt/.json beside it."""
+def folder_samples(folder: str, slot: int = 0, slots: int = 1) -> Iterator[dict[str, Any]]:
+    """Raw samples of an image folder in sorted order (every ``slots``-th from ``slot``): image bytes plus
+    any .txt/.json/.cls beside it."""
     root = Path(folder)
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    for image in images[slot::slots]:
         sample: dict[str, Any] = {"__key__": str(image.relative_to(root).with_suffix("")), "__url__": folder}
         sample[image.suffix.lower().lstrip(".")] = image.read_bytes()
         for ext in ("txt", "json", "cls"):
@@ -105,11 +107,14 @@ class ShardStream(IterableDataset):
     """Endless, seeded stream of collated batches for one rank (worker-aware)."""
 
     def __init__(
-        self, spec: DataSection, granularity: int = 8, rank: int = 0, world_size: int = 1, skip_batches: int = 0
+        self, spec: DataSection, granularity: int = 8, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
+        captions: bool = True,
     ):
-        """``granularity``: bucket sides are multiples of it (patch size x VAE factor)."""
+        """``granularity``: bucket sides are multiples of it (patch size x VAE factor); ``captions=False``
+        (stage 1) accepts samples without a caption, e.g. ImageNet-style ``jpg`` + ``cls`` shards."""
         super().__init__()
         self.spec, self.granularity, self.rank, self.world_size = spec, granularity, rank, world_size
+        self.captions = captions
         self.skip_batches = skip_batches
         self.sources = resolve_sources(spec.shards)
         self.buckets = self._buckets()
@@ -158,8 +163,10 @@ class ShardStream(IterableDataset):
         by_shard = len(urls) >= slots
         mine = urls[slot::slots] if by_shard else urls
         for url in mine:
-            source = folder_samples(url) if Path(url).is_dir() else self._tar_samples(url)
-            for i, sample in enumerate(source):
+            if Path(url).is_dir():  # an image folder is one source split by sample
+                yield from folder_samples(url, slot, slots)
+                continue
+            for i, sample in enumerate(self._tar_samples(url)):
                 if by_shard or i % slots == slot:
                     yield sample
 
@@ -209,12 +216,13 @@ class ShardStream(IterableDataset):
             self.skipped.add(f"undecodable ({type(err).__name__})", key)
             return None
         caption = self._caption(raw, meta)
-        if caption is None:
+        if caption is None and self.captions:
             self.skipped.add("empty or non-UTF-8 caption", key)
             return None
         aesthetic = meta.get("aesthetic")
         if self.spec.min_aesthetic is not None and (aesthetic is None or aesthetic < self.spec.min_aesthetic):
-            return None  # filtered by design, not an error
+            self.skipped.add("below min_aesthetic", key, warn=False)  # a filter, not bad data
+            return None
         label = int(raw["cls"]) if "cls" in raw else int(meta.get("label", -1))
         h, w = meta.get("original_size") or (image.height, image.width)
         sample = {"key": key, "image": image, "caption": caption, "label": label, "original_size": (h, w)}
@@ -285,7 +293,7 @@ def collate(samples: Sequence[dict[str, Any]], ratio: float, skipped: dict[str, 
     """Stack one bucket's samples; precomputed caption features are padded to the batch's longest."""
     batch: dict[str, Any] = {
         "pixels": torch.stack([s["pixels"] for s in samples]).float() / 127.5 - 1.0,
-        "caption": [s["caption"] for s in samples],
+        "caption": [s["caption"] or "" for s in samples],
         "key": [s["key"] for s in samples],
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.float32),

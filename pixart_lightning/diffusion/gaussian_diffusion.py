@@ -2,7 +2,7 @@
 
 PixArt-α predicts ε. v = √ᾱ·ε − √(1−ᾱ)·x0 is offered because with the linear schedule an image's
 colours are decided at high noise, where an ε target says little about x0: a tiny model trained for
-minutes learns colour with v and hardly at all with ε (``docs/demo.md``). The hybrid loss works with
+minutes learns colour with v and hardly at all with ε (``docs/stages.md`` and the shared demo calibration). The hybrid loss works with
 either; the variance channels and the VLB are the same.
 """
 
