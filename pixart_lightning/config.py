@@ -214,7 +214,7 @@ class StageConfig:
             num_classes=m.num_classes,
             micro_conditions=self.stage == 3 and self.data.multi_scale,
         )
-        if PIXEL_SPACE == self.vae.name:
+        if self.vae.name == PIXEL_SPACE:
             fields["in_channels"] = 3
         return PixArtConfig.from_name(m.size, **overrides, **{**fields, **extra})
 

@@ -208,7 +208,8 @@ def run_unit(
         return
     parent_weights = _parent_weights(unit, parent, folder)
     previous = unit.manifest()
-    if previous and parent_weights and previous.get("parent", {}).get("sha256") != sha256(parent_weights):
+    parent_sha = sha256(parent_weights) if parent_weights else None  # one read of a possibly large file
+    if previous and parent_sha and previous.get("parent", {}).get("sha256") != parent_sha:
         raise RunnerError(f"{unit.label} was started from a different {parent.label} checkpoint than "
                           f"{parent_weights} holds now; delete {unit.dir} to start it again from the new one")
     unit.dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,7 @@ def run_unit(
 
     manifest = {
         "stage": unit.stage, "phase": unit.phase, "status": "running", "config": str(unit.dir / "config.yaml"),
-        "parent": {"path": str(parent_weights), "sha256": sha256(parent_weights)} if parent_weights else None,
+        "parent": {"path": str(parent_weights), "sha256": parent_sha} if parent_weights else None,
         "text_encoder": text_path, "text_max_length": cfg.text_encoder.max_length,
         "text_dtype": cfg.text_encoder.dtype, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
         "resolution": cfg.data.resolution, "max_steps": cfg.train.max_steps,
