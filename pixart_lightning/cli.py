@@ -136,6 +136,57 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
                samples_per_shard=args.samples_per_shard)
 
 
+def cmd_data_ingest(args: argparse.Namespace) -> None:
+    from .data.ingest import ingest
+
+    m = ingest(args.sources, args.out, samples_per_shard=args.samples_per_shard)
+    print(f"wrote {m['count']} samples in {len(m['shards'])} shards to {args.out}; skipped: {m['skipped'] or 'none'}")
+
+
+def cmd_data_caption(args: argparse.Namespace) -> None:
+    from .data.caption import recaption
+    from .data.extract import default_rank
+
+    rank, world_size = (args.rank, args.world_size) if args.rank is not None else default_rank()
+    summary = recaption(args.source, args.out, model=args.model, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, seed_with_caption=not args.no_seed_caption,
+                        dtype=args.dtype, device=args.device, rank=rank, world_size=world_size)
+    print(f"captioned {summary['samples_captioned']} samples in {summary['shards_done']} shards "
+          f"({summary['shards_already_done']} done already) -> {args.out}; skipped: {summary['samples_skipped'] or 'none'}")
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from .data.caption_stats import caption_statistics, format_table, read_captions, write_statistics
+
+    columns = dict(column.split("=", 1) if "=" in column else (column, column) for column in args.columns)
+    captions = read_captions(args.source, list(columns.values()))
+    stats = caption_statistics({name: captions[key] for name, key in columns.items()}, args.valid_min_count)
+    print(format_table(stats))
+    if args.json:
+        write_statistics(stats, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_data_extract(args: argparse.Namespace) -> None:
+    from .data.extract import ExtractSettings, extract
+
+    if args.no_latents and args.no_text:
+        raise ValueError("--no-latents and --no-text together leave nothing to extract")
+    settings = ExtractSettings(
+        vae=None if args.no_latents else args.vae, text_encoder=None if args.no_text else args.text_encoder,
+        resolution=args.resolution, multi_scale=args.multi_scale, min_ratio=args.min_ratio, max_ratio=args.max_ratio,
+        patch_size=args.patch_size, caption_key=args.caption_key, max_length=args.max_length, t5_dtype=args.t5_dtype,
+        t5_compress=not args.no_compress, keep_images=args.keep_images,
+    )
+    result = extract(args.source, args.out, settings, batch_size=args.batch_size, device=args.device,
+                     rank=args.rank, world_size=args.world_size)
+    if "count" in result:
+        print(f"wrote features of {result['count']} samples to {args.out} ({result['bytes'] / 2**20:.1f} MiB); "
+              f"skipped: {result['skipped'] or 'none'}")
+    else:
+        print("this process's shards are done; the manifest is written when the other processes finish")
+
+
 def cmd_eval_alignment(args: argparse.Namespace) -> None:
     import json
 
@@ -224,6 +275,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-shape-fraction", type=float, default=0.0)
     p.add_argument("--samples-per-shard", type=int, default=2000)
     p.set_defaults(func=cmd_data_synth)
+
+    p = data.add_parser("ingest", help="image folders or tar shards -> webdataset shards with stable keys and sizes")
+    p.add_argument("sources", nargs="+", help="image folders (captions in .txt/.json beside the images), folders "
+                   "of .tar shards, brace or glob patterns")
+    p.add_argument("--out", required=True, help="output folder (new)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.set_defaults(func=cmd_data_ingest)
+
+    p = data.add_parser("caption", help="dense captions with a LLaVA model, written as dense.txt beside the original")
+    p.add_argument("source", help="folder of .tar shards (e.g. from `data ingest`), or a pattern")
+    p.add_argument("out", help="output folder; a rerun resumes, skipping finished shards")
+    p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="LLaVA hub id or local folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--no-seed-caption", action="store_true", help="do not show the model the original caption")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) or a torch dtype name")
+    p.add_argument("--device", help="default: cuda:(rank mod GPUs) if available, else cpu")
+    p.add_argument("--rank", type=int, help="this process (default: $RANK or $SLURM_PROCID, else 0)")
+    p.add_argument("--world-size", type=int, default=1, help="processes sharing the shards (with --rank)")
+    p.set_defaults(func=cmd_data_caption)
+
+    p = data.add_parser("stats", help="the paper's concept-density table: nouns in original vs dense captions")
+    p.add_argument("source", help="folder of .tar shards, or a pattern")
+    p.add_argument("--columns", nargs="+", default=["original=txt", "dense=dense.txt"],
+                   help="NAME=MEMBER caption columns (default: original=txt dense=dense.txt)")
+    p.add_argument("--valid-min-count", type=int, default=10, help="a distinct noun is valid above this count")
+    p.add_argument("--json", help="also write the statistics here")
+    p.set_defaults(func=cmd_data_stats)
+
+    p = data.add_parser("extract", help="precompute VAE latents (per aspect-ratio bucket) and trimmed T5 features")
+    p.add_argument("source", help="folder of .tar shards (from `data ingest` or `data caption`), or a pattern")
+    p.add_argument("out", help="output folder; a rerun resumes, skipping finished shards")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id, folder, or 'pixel'")
+    p.add_argument("--text-encoder", default="DeepFloyd/t5-v1_1-xxl", help="T5 hub id or folder")
+    p.add_argument("--no-latents", action="store_true", help="caption features only")
+    p.add_argument("--no-text", action="store_true", help="latents only (stage 1)")
+    p.add_argument("--resolution", type=int, default=256, help="the training stage's data.resolution")
+    p.add_argument("--multi-scale", action="store_true", help="aspect-ratio buckets (stage 3), as data.multi_scale")
+    p.add_argument("--min-ratio", type=float, default=0.25)
+    p.add_argument("--max-ratio", type=float, default=4.0)
+    p.add_argument("--patch-size", type=int, default=2, help="the model's patch size (bucket sides are multiples "
+                   "of patch x VAE factor)")
+    p.add_argument("--caption-key", default="txt", help="caption to encode: txt, dense.txt, or a json field")
+    p.add_argument("--max-length", type=int, default=120, help="T5 tokens at most")
+    p.add_argument("--t5-dtype", choices=("fp16", "bf16", "fp32"), default="bf16", help="stored feature dtype")
+    p.add_argument("--no-compress", action="store_true", help="store T5 features raw, not packed losslessly "
+                   "(~70%% of raw bf16 bytes, ~3 ms to unpack per sample)")
+    p.add_argument("--keep-images", action="store_true", help="keep the image members too")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", help="default: cuda:$LOCAL_RANK if available, else cpu")
+    p.add_argument("--rank", type=int, help="this process (default: $RANK or $SLURM_PROCID, else 0)")
+    p.add_argument("--world-size", type=int, help="processes sharing the shards (default: $WORLD_SIZE or "
+                   "$SLURM_NTASKS, else 1)")
+    p.set_defaults(func=cmd_data_extract)
 
     evaluate = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
     p = with_ckpt(evaluate.add_parser("alignment", help="shapes-world prompt following, by a pixel detector"))

@@ -74,6 +74,8 @@ class VAESection:
     name: str = "stabilityai/sd-vae-ft-ema"
     """Hub id or folder of an AutoencoderKL; ``pixel`` trains in pixel space (the demo: no VAE to download)."""
     scale_factor: float = 0.18215
+    sample_posterior: bool = True
+    """Train on a fresh draw from the VAE posterior (PixArt-α), not its mean; same for precomputed latents."""
 
 
 @dataclass(kw_only=True)

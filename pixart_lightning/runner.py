@@ -34,8 +34,8 @@ from callbacks.samples import SampleGrid
 from stages import STAGE_MODULES
 
 from .config import PIXEL_SPACE, STAGES, TINY_T5, ConfigError, StageConfig, load_stage, phase_configs, to_yaml
-from .data.buckets import bucket_table
 from .data.module import ShardDataModule
+from .data.shards import data_buckets, read_manifest
 from .data.synth import synthesize
 from .evaluation import alignment
 from .interop import load_weights, save_weights
@@ -178,23 +178,44 @@ def load_vae(name: str, scale_factor: float = 0.18215) -> VAE | PixelSpace:
     return PixelSpace() if name == PIXEL_SPACE else VAE.from_pretrained(name, scale_factor=scale_factor)
 
 
-def bucket_sizes(cfg: StageConfig, granularity: int) -> list[tuple[int, int]]:
-    """The stage's aspect-ratio bucket sizes (ratio range applied)."""
-    table = bucket_table(cfg.data.resolution, granularity)
-    return [hw for r, hw in table.items() if cfg.data.min_ratio - 1e-6 <= r <= cfg.data.max_ratio + 1e-6]
-
-
 def prepare_data(cfg: StageConfig, granularity: int) -> None:
     """Write the embedded world's shards if the config asks for them and they are not there yet."""
-    synth = cfg.data.synth
+    d, synth = cfg.data, cfg.data.synth
     if synth is None:
         return
     synthesize(
-        cfg.data.shards, count=synth.count, seed=synth.seed, resolution=cfg.data.resolution,
-        buckets=bucket_sizes(cfg, granularity) if cfg.data.multi_scale else None,
+        d.shards, count=synth.count, seed=synth.seed, resolution=d.resolution,
+        buckets=list(data_buckets(d.resolution, granularity, True, d.min_ratio, d.max_ratio).values())
+        if d.multi_scale else None,
         two_shape_fraction=synth.two_shape_fraction, templates=synth.templates, samples_per_shard=synth.samples_per_shard,
         progress=cfg.train.progress_bar,
     )
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Equal hub ids, or local paths to the same folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_features(cfg: StageConfig, text_path: str | None, patch_size: int) -> None:
+    """Precomputed features (``data extract``) must come from this stage's encoders, sizes and caption."""
+    m = read_manifest(cfg.data.shards)
+    if m.get("kind") != "features":
+        return
+    d = cfg.data
+    wanted = {"caption_key": d.caption_key, "max_length": cfg.text_encoder.max_length} if cfg.text_mode else {}
+    if m.get("vae"):
+        wanted |= {"resolution": d.resolution, "multi_scale": d.multi_scale, "patch_size": patch_size}
+        if d.multi_scale:
+            wanted |= {"min_ratio": d.min_ratio, "max_ratio": d.max_ratio}
+    problems = [f"{k}: features have {m.get(k)!r}, config has {v!r}" for k, v in wanted.items() if m.get(k) != v]
+    if m.get("vae") and not _same_model(m["vae"], cfg.vae.name):
+        problems.append(f"vae: features from {m['vae']!r}, config has vae.name={cfg.vae.name!r}")
+    if m.get("text_encoder") and text_path and not _same_model(m["text_encoder"], text_path):
+        problems.append(f"text encoder: features from {m['text_encoder']!r}, this stage uses {text_path!r}")
+    if problems:
+        raise ConfigError(f"{d.shards} holds features extracted for another setup:\n" + "\n".join(problems)
+                          + "\nextract again with matching options, or point data.shards at the images")
 
 
 # ---------------------------------------------------------------------- one unit
@@ -228,6 +249,7 @@ def run_unit(
     model = stage_cls.initial_model(cfg, parent_model, encoder.dim if encoder else None)
     granularity = model.cfg.patch_size * vae.downsample_factor
     prepare_data(cfg, granularity)
+    check_features(cfg, text_path, model.cfg.patch_size)
     module = stage_cls(cfg, model, vae, encoder)
 
     manifest = {
@@ -255,7 +277,8 @@ def run_unit(
     )
     print(f"{unit.label}: {'resuming from ' + str(last) if last.is_file() else 'training'} -> {unit.dir}", flush=True)
     try:
-        trainer.fit(module, datamodule=ShardDataModule(cfg.data, granularity, captions=cfg.text_mode),
+        datamodule = ShardDataModule(cfg.data, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
+        trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(last) if last.is_file() else None)
     except BaseException:
         if last.is_file():

@@ -11,7 +11,20 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 # The shapes world owns its words; they stay importable from here for the tokenizer's users.
 from pixart_lightning.data.world import SHAPES_VOCAB as SHAPES_VOCAB
@@ -152,3 +165,84 @@ def build_tiny_models(out_dir: str | os.PathLike) -> dict[str, Path]:
     """Build the tiny T5 and VAE under ``out_dir/t5`` and ``out_dir/vae``."""
     out_dir = Path(out_dir)
     return {"t5": build_tiny_t5(out_dir / "t5"), "vae": build_tiny_vae(out_dir / "vae")}
+
+
+# Tiny LLaVA (build_tiny_llava): a word-level vocabulary big enough for the recaption prompt and some descriptive
+# words, so the random model's captions are readable words rather than unknown-token runs.
+LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+LLAVA_WORDS = (
+    "user assistant given the caption of this image describe and its style in a very detailed manner "
+    "a an is are with on at by for from to under over near behind front left right top bottom center middle "
+    "red green blue yellow orange purple pink brown black white gray bright dark light soft warm cool "
+    "circle square triangle shape background foreground scene photo painting drawing sketch picture illustration "
+    "small large big tiny round sharp smooth rough flat glossy matte shadow highlight texture color colors "
+    "sky tree house person cat dog water grass road city street mountain flower table window light sun cloud "
+    "realistic abstract minimal vintage modern cinematic watercolor oil digital composition lighting mood"
+).split()
+LLAVA_PUNCTUATION = tuple(".,:;!?\"'()-")
+# Chat layout of llava-hf/llava-1.5-*: "USER: <image>\n{text} ASSISTANT:", images before the text of a turn.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def word_level_llava_tokenizer() -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer with LLaVA's special tokens; unknown words become ``<unk>``."""
+    vocab = {token: i for i, token in enumerate((*LLAVA_SPECIAL_TOKENS, *LLAVA_PUNCTUATION, *LLAVA_WORDS))}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no space before punctuation
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        padding_side="left", extra_special_tokens={"image_token": "<image>"},
+    )
+    return tokenizer
+
+
+def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a random ``LlavaForConditionalGeneration`` and its ``LlavaProcessor`` to ``out_dir``.
+
+    The folder is laid out like llava-hf/llava-1.5-7b-hf (CLIP vision tower read at its second-to-last layer
+    without the CLS token, a Llama decoder, the same chat layout), only tiny: 32x32 images in 8x8 patches, so
+    each image becomes 16 ``<image>`` tokens. It loads with ``LlavaForConditionalGeneration.from_pretrained``
+    and ``AutoProcessor.from_pretrained``; its captions are random words.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = word_level_llava_tokenizer()
+    image_size, patch_size = 32, 8
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2, vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -102,6 +102,7 @@ class PixelSpace(nn.Module):
 
     downsample_factor = 1
     latent_channels = 3
+    scale_factor = 1.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,6 +115,15 @@ class PixelSpace(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self._anchor.dtype
+
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """A point mass at the image: mean = the image, std = 0."""
+        return images, torch.zeros_like(images)
+
+    def latents_from_posterior(
+        self, mean: Tensor, std: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return mean
 
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] are already the latents."""

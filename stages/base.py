@@ -69,18 +69,29 @@ class DiffusionStage(L.LightningModule):
             if module is not None:
                 module.to(self.device)
 
-    def _step_generator(self) -> torch.Generator:
+    def _step_generator(self, *stream: int) -> torch.Generator:
         """Timesteps, noise and caption drops for this step are a function of (seed, step, rank).
 
         So a resumed run draws exactly what an uninterrupted one would have, without saving RNG state.
+        ``stream`` keys a separate sequence (the posterior draw) that leaves the main one unchanged.
         """
-        seed = hash((self.cfg.train.seed, self.global_step, self.global_rank)) % (2**63)
+        seed = hash((self.cfg.train.seed, self.global_step, self.global_rank, *stream)) % (2**63)
         return torch.Generator(device=self.device).manual_seed(seed)
+
+    def latents(self, batch: dict[str, Any]) -> Tensor:
+        """Scaled latents of the batch: the VAE posterior, from precomputed moments or encoded on the fly,
+        sampled (``vae.sample_posterior``) or its mean. Both sources draw the same noise at the same step."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.device).float(), batch["latent_std"].to(self.device).float()
+        else:
+            mean, std = (m.float() for m in self.vae.encode_posterior(batch["pixels"].to(self.device, self.vae.dtype)))
+        return self.vae.latents_from_posterior(mean, std, sample=self.cfg.vae.sample_posterior,
+                                               generator=self._step_generator(1))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         for reason, n in batch.get("skipped", {}).items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
-        x0 = self.vae.encode(batch["pixels"].to(self.vae.dtype)).float()
+        x0 = self.latents(batch)
         kwargs = self.conditioning(batch)
         gen = self._step_generator()
         B = x0.shape[0]
@@ -111,7 +122,7 @@ class DiffusionStage(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         now = time.perf_counter()
         if self._last_batch_end is not None:
-            rate = batch["pixels"].shape[0] * self.trainer.world_size / (now - self._last_batch_end)
+            rate = len(batch["key"]) * self.trainer.world_size / (now - self._last_batch_end)
             self.log("train/images_per_s", rate, on_step=True, batch_size=1)
         self._last_batch_end = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)

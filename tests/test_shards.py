@@ -8,14 +8,14 @@ import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from pixart_lightning.config import DataSection
-from pixart_lightning.data.shards import FEATURE_KEY, DataError, ShardStream
+from pixart_lightning.data.features import FEATURES_KEY, encode_features
+from pixart_lightning.data.shards import DataError, ShardStream
 from pixart_lightning.data.synth import synthesize
 
 
@@ -115,21 +115,26 @@ def test_pattern_matching_nothing_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_aesthetic_filter_and_precomputed_features(tmp_path: Path) -> None:
-    """min_aesthetic drops samples; precomputed caption features are padded to the batch's longest."""
+    """min_aesthetic drops samples; precomputed caption features keep their dtype, padded to the batch's longest;
+    precomputed latents replace the image, and a latent of a size no bucket has is skipped and counted."""
     with tarfile.open(tmp_path / "f.tar", "w") as tar:
-        for i, (score, length) in enumerate([(6.0, 3), (2.0, 5), (7.0, 5), (8.0, 2)]):
-            feats = io.BytesIO()
-            np.save(feats, np.full((length, 8), i, dtype=np.float16))
-            for ext, data in (("png", png((9, 9, 9))), ("txt", b"x"), ("json", json.dumps({"aesthetic": score}).encode()),
-                              (FEATURE_KEY, feats.getvalue())):
+        for i, (score, length) in enumerate([(6.0, 3), (2.0, 5), (7.0, 5), (8.0, 2), (9.0, 2)]):
+            side = 3 if i == 4 else 2  # 16 px / latent factor 8 = 2
+            feats = encode_features(t5=torch.full((length, 8), i, dtype=torch.bfloat16),
+                                    latent_mean=torch.full((4, side, side), float(i)), latent_std=torch.ones(4, side, side))
+            for ext, data in (("txt", b"x"), ("json", json.dumps({"aesthetic": score}).encode()), (FEATURES_KEY, feats)):
                 info = tarfile.TarInfo(f"{i:03d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    batch = take(ShardStream(spec(tmp_path, batch_size=3, shuffle_buffer=1, min_aesthetic=5.0)), 1)[0]
+    batch = take(ShardStream(spec(tmp_path, batch_size=3, shuffle_buffer=1, min_aesthetic=5.0), latent_factor=8), 1)[0]
     assert batch["key"] == ["000", "002", "003"]
-    assert batch["caption_features"].shape == (3, 5, 8)
+    assert batch["caption_features"].shape == (3, 5, 8) and batch["caption_features"].dtype == torch.bfloat16
     assert batch["caption_mask"].sum(1).tolist() == [3, 5, 2]
     assert torch.all(batch["caption_features"][2, 2:] == 0)
+    assert "pixels" not in batch and batch["latent_mean"].shape == (3, 4, 2, 2)
+    assert batch["latent_mean"][:, 0, 0, 0].tolist() == [0.0, 2.0, 3.0]
+    later = take(ShardStream(spec(tmp_path, batch_size=3, shuffle_buffer=1, min_aesthetic=5.0), latent_factor=8), 2)[1]
+    assert later["skipped"].get("latent of another size (3x3)") == 1
 
 
 def test_stage1_reads_imagenet_style_shards_without_captions(tmp_path: Path) -> None:

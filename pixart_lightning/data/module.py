@@ -13,11 +13,12 @@ from .shards import ShardStream
 class ShardDataModule(L.LightningDataModule):
     """Builds the stream when training starts, after Lightning has restored the step from a checkpoint."""
 
-    def __init__(self, spec: DataSection, granularity: int, captions: bool = True):
+    def __init__(self, spec: DataSection, granularity: int, captions: bool = True, latent_factor: int = 8):
         super().__init__()
         self.spec = spec
         self.granularity = granularity
         self.captions = captions
+        self.latent_factor = latent_factor
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -30,6 +31,7 @@ class ShardDataModule(L.LightningDataModule):
             world_size=trainer.world_size if trainer is not None else 1,
             skip_batches=consumed,
             captions=self.captions,
+            latent_factor=self.latent_factor,
         )
         return DataLoader(
             stream, batch_size=None, num_workers=self.spec.num_workers, pin_memory=torch.cuda.is_available(),

@@ -2,7 +2,8 @@
 
 One reader serves every source: the synthetic world's shards, img2dataset-style tars
 (``.jpg``/``.png``/``.webp`` + ``.txt`` + ``.json``) and plain image folders (captions in ``.txt``/``.json``
-beside the images). The stream is an endless sequence of epochs that is a pure function of
+beside the images), and shards of precomputed features (:mod:`.features`: VAE latents at the bucket's size
+and trimmed T5 features, so neither encoder runs in the training loop). The stream is an endless sequence of epochs that is a pure function of
 (seed, rank, worker): each epoch permutes the shards with the seed, deals them to the
 rank × worker slots, and shuffles samples in a seeded buffer. That makes the data position a single
 number, the batches already consumed, so a resumed run skips exactly those and continues with the
@@ -15,6 +16,7 @@ trains the same bucket (same shapes, same cost) and no rank waits for another.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -34,11 +36,11 @@ from webdataset.tariterators import tarfile_samples
 
 from ..config import DataSection
 from .buckets import bucket_table, nearest_bucket
+from .features import FEATURES_KEY, decode_features
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-FEATURE_KEY = "t5.npy"  # precomputed caption features: a float16 or float32 (L, D) array trimmed to the caption
 MANIFEST_NAMES = ("world.json", "manifest.json")
 
 
@@ -46,8 +48,20 @@ class DataError(ValueError):
     """A data source problem the user must fix (nothing to read, unreadable manifest)."""
 
 
+def data_buckets(
+    resolution: int, granularity: int, multi_scale: bool, min_ratio: float = 0.25, max_ratio: float = 4.0
+) -> dict[float, tuple[int, int]]:
+    """Ratio -> (h, w) of the buckets a dataset is cut to: one square, or the paper's table within the ratio range."""
+    if not multi_scale:
+        return {1.0: (resolution, resolution)}
+    table = bucket_table(resolution, granularity)
+    return {r: hw for r, hw in table.items() if min_ratio - 1e-6 <= r <= max_ratio + 1e-6}
+
+
 def resolve_sources(spec: str) -> list[str]:
-    """Shard urls from a folder, a brace pattern or a single tar; ``[folder]`` for an image folder."""
+    """Shard urls from a folder, a brace or glob pattern or a single tar; ``[folder]`` for an image folder."""
+    if not spec:
+        raise DataError("no data source given (data.shards is empty)")
     path = Path(spec)
     if path.is_dir():
         tars = sorted(str(p) for p in path.glob("*.tar"))
@@ -56,6 +70,11 @@ def resolve_sources(spec: str) -> list[str]:
         if any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in path.rglob("*")):
             return [str(path)]
         raise DataError(f"{spec}: the folder holds no .tar shards and no images")
+    if any(c in spec for c in "*?["):
+        urls = sorted(glob.glob(spec))
+        if not urls:
+            raise DataError(f"{spec}: the pattern matches no file")
+        return urls
     urls = list(braceexpand.braceexpand(spec))
     missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
     if missing:
@@ -63,9 +82,32 @@ def resolve_sources(spec: str) -> list[str]:
     return urls
 
 
+def tar_shards(spec: str) -> list[Path]:
+    """The tar shards of a folder or pattern, for tools that rewrite shard by shard (an image folder is refused)."""
+    urls = resolve_sources(spec)
+    if any(Path(u).is_dir() for u in urls):
+        raise DataError(f"{spec} is an image folder: run `pixart-lightning data ingest` on it first")
+    shards = [Path(u) for u in urls]
+    if len({s.name for s in shards}) != len(shards):
+        raise DataError(f"{spec}: shard file names repeat; the output keeps one file per input name")
+    return shards
+
+
+def batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` items, the last one shorter (``itertools.batched`` needs Python 3.12)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def read_manifest(spec: str) -> dict[str, Any]:
     """The dataset manifest (bucket counts etc.) beside the shards, or {} when there is none."""
-    folder = Path(spec) if Path(spec).is_dir() else Path(next(iter(braceexpand.braceexpand(spec)))).parent
+    folder = Path(spec) if Path(spec).is_dir() else Path(resolve_sources(spec)[0]).parent
     for name in MANIFEST_NAMES:
         if (folder / name).is_file():
             return json.loads((folder / name).read_text())
@@ -108,25 +150,25 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self, spec: DataSection, granularity: int = 8, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
-        captions: bool = True,
+        captions: bool = True, latent_factor: int = 8,
     ):
         """``granularity``: bucket sides are multiples of it (patch size x VAE factor); ``captions=False``
-        (stage 1) accepts samples without a caption, e.g. ImageNet-style ``jpg`` + ``cls`` shards."""
+        (stage 1) accepts samples without a caption, e.g. ImageNet-style ``jpg`` + ``cls`` shards;
+        ``latent_factor``: pixels per latent pixel, to check precomputed latents against the buckets."""
         super().__init__()
         self.spec, self.granularity, self.rank, self.world_size = spec, granularity, rank, world_size
         self.captions = captions
+        self.latent_factor = latent_factor
         self.skip_batches = skip_batches
         self.sources = resolve_sources(spec.shards)
         self.buckets = self._buckets()
+        self.latent_buckets = {(h // latent_factor, w // latent_factor): r for r, (h, w) in self.buckets.items()}
         self.schedule_weights = self._schedule_weights()
 
     # ----------------------------------------------------------------- setup
     def _buckets(self) -> dict[float, tuple[int, int]]:
         s = self.spec
-        if not s.multi_scale:
-            return {1.0: (s.resolution, s.resolution)}
-        table = bucket_table(s.resolution, self.granularity)
-        return {r: hw for r, hw in table.items() if s.min_ratio - 1e-6 <= r <= s.max_ratio + 1e-6}
+        return data_buckets(s.resolution, self.granularity, s.multi_scale, s.min_ratio, s.max_ratio)
 
     def _schedule_weights(self) -> np.ndarray | None:
         """Per-bucket probabilities for the shared schedule, from the manifest's counts (None: greedy)."""
@@ -204,17 +246,33 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         """Image, caption and metadata of one raw sample; None (counted) when it cannot be used."""
         key = raw.get("__key__", "?")
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-        if ext is None:
-            self.skipped.add("no image", key)
-            return None
         try:
             meta = json.loads(raw["json"]) if "json" in raw else {}
-            image = Image.open(io.BytesIO(raw[ext]))
-            image = image.convert("RGB")
+            features = decode_features(raw[FEATURES_KEY]) if FEATURES_KEY in raw else {}
         except Exception as err:  # noqa: BLE001 - any undecodable input is skipped, never fatal
-            self.skipped.add(f"undecodable ({type(err).__name__})", key)
+            self.skipped.add(f"undecodable metadata or features ({type(err).__name__})", key)
             return None
+        sample: dict[str, Any] = {}
+        if "latent_mean" in features:
+            latent_hw = tuple(features["latent_mean"].shape[1:])
+            if latent_hw not in self.latent_buckets:
+                self.skipped.add(f"latent of another size ({latent_hw[0]}x{latent_hw[1]})", key)
+                return None
+            sample.update(bucket=self.latent_buckets[latent_hw], latent_mean=features["latent_mean"],
+                          latent_std=features["latent_std"])
+            h, w = meta.get("original_size") or self.buckets[sample["bucket"]]
+        else:
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            if ext is None:
+                self.skipped.add("no image", key)
+                return None
+            try:
+                image = Image.open(io.BytesIO(raw[ext])).convert("RGB")
+            except Exception as err:  # noqa: BLE001 - any undecodable input is skipped, never fatal
+                self.skipped.add(f"undecodable ({type(err).__name__})", key)
+                return None
+            sample["image"] = image
+            h, w = meta.get("original_size") or (image.height, image.width)
         caption = self._caption(raw, meta)
         if caption is None and self.captions:
             self.skipped.add("empty or non-UTF-8 caption", key)
@@ -224,10 +282,9 @@ class ShardStream(IterableDataset):
             self.skipped.add("below min_aesthetic", key, warn=False)  # a filter, not bad data
             return None
         label = int(raw["cls"]) if "cls" in raw else int(meta.get("label", -1))
-        h, w = meta.get("original_size") or (image.height, image.width)
-        sample = {"key": key, "image": image, "caption": caption, "label": label, "original_size": (h, w)}
-        if FEATURE_KEY in raw:
-            sample["caption_features"] = np.load(io.BytesIO(raw[FEATURE_KEY]))
+        sample.update(key=key, caption=caption, label=label, original_size=(h, w))
+        if "t5" in features:
+            sample["caption_features"] = features["t5"]
         return sample
 
     def _caption(self, raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
@@ -238,18 +295,6 @@ class ShardStream(IterableDataset):
             return None
         text = (text or "").strip()
         return text or None
-
-    def _to_bucket(self, sample: dict[str, Any]) -> tuple[float, Tensor]:
-        """Resize to cover the sample's bucket and centre-crop; uint8 (3, h, w) until collated."""
-        image: Image.Image = sample["image"]
-        ratio, (h, w) = nearest_bucket(image.height, image.width, self.buckets)
-        scale = max(h / image.height, w / image.width)
-        if (image.height, image.width) != (h, w):
-            size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-            image = image.resize(size, Image.BICUBIC)
-            top, left = (image.height - h) // 2, (image.width - w) // 2
-            image = image.crop((left, top, left + w, top + h))
-        return ratio, torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def _schedule(self, batch_index: int) -> float | None:
         if self.schedule_weights is None:
@@ -270,8 +315,9 @@ class ShardStream(IterableDataset):
         batch_index = worker + to_skip * workers
         target = self._schedule(batch_index)
         for sample in self._decoded(slot, slots):
-            ratio, pixels = self._to_bucket(sample)
-            sample["pixels"], sample["bucket"] = pixels, ratio
+            if "image" in sample:
+                sample["bucket"], sample["pixels"] = fit_to_bucket(sample.pop("image"), self.buckets)
+            ratio = sample["bucket"]
             queue = pending[ratio]
             queue.append(sample)
             if target is not None and ratio != target and len(queue) > cap:
@@ -289,10 +335,22 @@ class ShardStream(IterableDataset):
             target = self._schedule(batch_index)
 
 
+def fit_to_bucket(image: Image.Image, buckets: dict[float, tuple[int, int]]) -> tuple[float, Tensor]:
+    """The image's nearest bucket, and the image resized to cover it and centre-cropped: uint8 (3, h, w)."""
+    ratio, (h, w) = nearest_bucket(image.height, image.width, buckets)
+    scale = max(h / image.height, w / image.width)
+    if (image.height, image.width) != (h, w):
+        size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+        top, left = (image.height - h) // 2, (image.width - w) // 2
+        image = image.crop((left, top, left + w, top + h))
+    return ratio, torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def collate(samples: Sequence[dict[str, Any]], ratio: float, skipped: dict[str, int]) -> dict[str, Any]:
-    """Stack one bucket's samples; precomputed caption features are padded to the batch's longest."""
+    """Stack one bucket's samples (pixels in [-1, 1], or precomputed latent moments); precomputed caption
+    features keep their stored dtype and are padded to the batch's longest caption."""
     batch: dict[str, Any] = {
-        "pixels": torch.stack([s["pixels"] for s in samples]).float() / 127.5 - 1.0,
         "caption": [s["caption"] or "" for s in samples],
         "key": [s["key"] for s in samples],
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
@@ -300,10 +358,15 @@ def collate(samples: Sequence[dict[str, Any]], ratio: float, skipped: dict[str, 
         "aspect_ratio": torch.full((len(samples), 1), float(ratio)),
         "skipped": skipped,
     }
+    if all("latent_mean" in s for s in samples):
+        batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
+        batch["latent_std"] = torch.stack([s["latent_std"] for s in samples])
+    else:
+        batch["pixels"] = torch.stack([s["pixels"] for s in samples]).float() / 127.5 - 1.0
     if all("caption_features" in s for s in samples):
-        feats = [torch.from_numpy(np.asarray(s["caption_features"], dtype=np.float32)) for s in samples]
+        feats = [s["caption_features"] for s in samples]
         length = max(f.shape[0] for f in feats)
-        batch["caption_features"] = torch.zeros(len(feats), length, feats[0].shape[1])
+        batch["caption_features"] = torch.zeros(len(feats), length, feats[0].shape[1], dtype=feats[0].dtype)
         batch["caption_mask"] = torch.zeros(len(feats), length, dtype=torch.long)
         for i, f in enumerate(feats):
             batch["caption_features"][i, : f.shape[0]] = f

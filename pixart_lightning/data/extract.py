@@ -1,0 +1,263 @@
+"""Offline feature extraction: VAE latents and T5 caption features into shards the stages read directly.
+
+Why: T5-XXL costs about 1.1 TFLOP per caption, more than a PixArt-XL/2 training step per image at
+256 px, and the VAE encoder is not free either. Both are frozen, so their outputs are computed once.
+
+For each input shard the extractor writes an output shard of the same name whose samples keep the
+caption and metadata members and gain ``features.safetensors`` (:mod:`.features`): the VAE
+posterior's mean and std at the sample's aspect-ratio bucket size (the same resize and centre crop as
+the training loader), and the T5 features of its caption trimmed to the real tokens, in fp16 or bf16.
+The images are dropped unless asked to keep them.
+
+Work is split by shard: shard i belongs to process i % world_size (``RANK``/``WORLD_SIZE`` or
+``SLURM_PROCID``/``SLURM_NTASKS`` by default). Each output shard is written under a temporary name and
+renamed when complete, with a ``.stats.json`` beside it, so a rerun skips finished shards. Whichever
+process finds every shard done writes ``manifest.json``: the bucket counts the loader schedules by, and
+the encoders, sizes and dtypes the runner checks a stage config against.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+from webdataset.tariterators import tarfile_samples
+
+from .features import FEATURES_KEY, encode_features
+from .shards import IMAGE_EXTENSIONS, batched, data_buckets, fit_to_bucket, tar_shards
+
+MANIFEST, SETTINGS = "manifest.json", "extract.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(kw_only=True)
+class ExtractSettings:
+    """What the features are; recorded in the output and compared on resume and by the runner."""
+
+    vae: str | None
+    """Hub id or folder of the VAE, ``pixel`` for pixel space, or None for no latents."""
+    text_encoder: str | None
+    """Hub id or folder of the T5, or None for no caption features."""
+    resolution: int = 256
+    multi_scale: bool = False
+    min_ratio: float = 0.25
+    max_ratio: float = 4.0
+    patch_size: int = 2
+    caption_key: str = "txt"
+    max_length: int = 120
+    t5_dtype: str = "bf16"
+    """bf16: what T5-XXL computes in on a GPU (PixArt-α extracts in bf16 too), so storing it loses nothing there."""
+    t5_compress: bool = True
+    """Pack the T5 features losslessly (:func:`.features.pack_t5`): about 70 % of the raw bf16 bytes."""
+    keep_images: bool = False
+
+
+def default_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's or Slurm's environment; (0, 1) when neither is set."""
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return 0, 1
+
+
+class Extractor:
+    """The frozen encoders and the bucket table, applied to one shard at a time."""
+
+    def __init__(self, settings: ExtractSettings, device: str | torch.device, batch_size: int):
+        from pixart_lightning.runner import load_text_encoder, load_vae
+
+        self.settings, self.device, self.batch_size = settings, torch.device(device), batch_size
+        on_gpu = self.device.type == "cuda"
+        self.vae = load_vae(settings.vae).to(self.device) if settings.vae else None
+        if self.vae is not None and on_gpu and settings.vae != "pixel":
+            self.vae.model.to(torch.float16)  # the official extractor's choice; the posterior moments are saved in fp16
+        self.encoder = (load_text_encoder(settings.text_encoder, settings.max_length, "bf16" if on_gpu else "fp32")
+                        if settings.text_encoder else None)
+        if self.encoder is not None:
+            self.encoder.model.to(self.device)
+        factor = self.vae.downsample_factor if self.vae is not None else 8
+        self.buckets = data_buckets(settings.resolution, settings.patch_size * factor, settings.multi_scale,
+                                    settings.min_ratio, settings.max_ratio)
+
+    def _caption(self, raw: dict[str, Any]) -> str | None:
+        key = self.settings.caption_key
+        try:
+            text = raw[key].decode("utf-8") if key in raw else json.loads(raw.get("json", b"{}")).get(key, "")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return (text or "").strip() or None
+
+    def _prepared(self, raw: dict[str, Any], skipped: dict[str, int]) -> dict[str, Any] | None:
+        """The raw sample with its bucket-fitted pixels and caption, or None (counted) when unusable."""
+        caption = self._caption(raw) if self.encoder is not None else None
+        if self.encoder is not None and caption is None:
+            _count(skipped, f"empty or non-UTF-8 {self.settings.caption_key}")
+            return None
+        item = {"raw": raw, "caption": caption}
+        if self.vae is not None:
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            try:
+                image = Image.open(io.BytesIO(raw[ext])).convert("RGB") if ext else None
+            except Exception as err:  # noqa: BLE001 - any undecodable image is skipped and counted
+                _count(skipped, f"undecodable ({type(err).__name__})")
+                return None
+            if image is None:
+                _count(skipped, "no image")
+                return None
+            item["size"] = (image.height, image.width)
+            item["ratio"], item["pixels"] = fit_to_bucket(image, self.buckets)
+        return item
+
+    @torch.inference_mode()
+    def _features(self, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Latent moments (per bucket group) and trimmed T5 features of a batch of prepared samples."""
+        out: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        if self.vae is not None:
+            for ratio in {item["ratio"] for item in items}:
+                index = [i for i, item in enumerate(items) if item["ratio"] == ratio]
+                pixels = torch.stack([items[i]["pixels"] for i in index]).to(self.device).float() / 127.5 - 1.0
+                mean, std = self.vae.encode_posterior(pixels.to(self.vae.dtype))
+                for j, i in enumerate(index):
+                    out[i]["latent_mean"] = mean[j].to(torch.float16)
+                    out[i]["latent_std"] = std[j].to(torch.float16)
+        if self.encoder is not None:
+            features, mask = self.encoder.encode([item["caption"] for item in items], trim=True)
+            lengths = mask.sum(dim=1).tolist()
+            for i, length in enumerate(lengths):
+                out[i]["t5"] = features[i, :length].to(DTYPES[self.settings.t5_dtype])
+        return out
+
+    def _output(self, item: dict[str, Any], features: dict[str, torch.Tensor]) -> dict[str, Any]:
+        raw = item["raw"]
+        sample = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
+        if not self.settings.keep_images:
+            sample = {k: v for k, v in sample.items() if k not in IMAGE_EXTENSIONS}
+        if "ratio" in item:
+            meta = json.loads(raw.get("json", b"{}"))
+            h, w = self.buckets[item["ratio"]]
+            meta["bucket"] = [h, w]
+            meta.setdefault("original_size", list(item["size"]))
+            sample["json"] = json.dumps(meta).encode()
+        sample[FEATURES_KEY] = encode_features(compress_t5=self.settings.t5_compress, **features)
+        return sample
+
+    def shard(self, url: str, target: Path, progress: tqdm) -> dict[str, Any]:
+        """Extract one shard into ``target`` (atomically); its statistics."""
+        skipped: dict[str, int] = {}
+        buckets: dict[str, int] = {}
+        t5_tokens = written = 0
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+
+        def on_error(err: Exception) -> bool:
+            _count(skipped, f"unreadable tar data ({type(err).__name__})")
+            return True
+
+        with wds.TarWriter(str(partial), encoder=False) as sink:
+            for batch in batched(tarfile_samples([{"url": url}], handler=on_error), self.batch_size):
+                items = [p for raw in batch if (p := self._prepared(raw, skipped)) is not None]
+                if not items:
+                    continue
+                for item, features in zip(items, self._features(items)):
+                    sink.write(self._output(item, features))
+                    if "ratio" in item:
+                        name = "x".join(str(v) for v in self.buckets[item["ratio"]])
+                        buckets[name] = buckets.get(name, 0) + 1
+                    t5_tokens += features["t5"].shape[0] if "t5" in features else 0
+                    written += 1
+                progress.update(len(batch))
+        os.replace(partial, target)
+        stats = {"samples": written, "skipped": skipped, "bucket_counts": buckets, "t5_tokens": t5_tokens,
+                 "bytes": target.stat().st_size}
+        _write_json(target.with_suffix(".stats.json"), stats)
+        return stats
+
+
+def extract(
+    source: str, out_dir: str | os.PathLike, settings: ExtractSettings, *, batch_size: int = 32,
+    device: str | None = None, rank: int | None = None, world_size: int | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Extract this process's share of ``source``'s shards into ``out_dir``; the manifest once all are done."""
+    if settings.vae is None and settings.text_encoder is None:
+        raise ValueError("nothing to extract: give a VAE, a text encoder, or both")
+    if settings.t5_dtype not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"t5_dtype {settings.t5_dtype!r}: valid choices are fp16, bf16, fp32")
+    if settings.t5_compress and settings.t5_dtype == "fp32":
+        raise ValueError("t5_compress packs 16-bit features: use t5_dtype fp16 or bf16, or no compression")
+    # Local model folders are recorded as absolute paths, so the runner can compare them with a stage's.
+    settings = replace(settings, **{k: str(Path(v).resolve()) for k in ("vae", "text_encoder")
+                                    if (v := getattr(settings, k)) and Path(v).exists()})
+    urls = [str(p) for p in tar_shards(source)]
+    if (rank is None) != (world_size is None):
+        raise ValueError("give rank and world size together (or neither, to take them from the environment)")
+    if rank is None or world_size is None:
+        rank, world_size = default_rank()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, settings)
+    names = [Path(u).name for u in urls]
+    mine = [(u, out / n) for i, (u, n) in enumerate(zip(urls, names)) if i % world_size == rank]
+    todo = [(u, t) for u, t in mine if not (t.is_file() and t.with_suffix(".stats.json").is_file())]
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    print(f"extract: rank {rank}/{world_size}: {len(todo)} of {len(mine)} shards to do "
+          f"({len(mine) - len(todo)} done already) -> {out}", flush=True)
+    if todo:
+        extractor = Extractor(settings, device, batch_size)
+        with tqdm(desc=f"extract (rank {rank})", unit="sample", disable=not progress) as bar:
+            for url, target in todo:
+                bar.set_postfix_str(Path(url).name)
+                extractor.shard(url, target, bar)
+    return _finish(out, names, settings) or {"shards_done_here": len(todo)}
+
+
+def _finish(out: Path, names: list[str], settings: ExtractSettings) -> dict[str, Any] | None:
+    """The manifest, written once every shard's statistics are there (None while other ranks work)."""
+    stats_files = [out / Path(n).with_suffix(".stats.json") for n in names]
+    if not all(f.is_file() for f in stats_files):
+        return None
+    manifest: dict[str, Any] = {"kind": "features", **asdict(settings), "latents": "posterior mean and std, fp16",
+                                "shards": names, "count": 0, "skipped": {}, "bucket_counts": {}, "t5_tokens": 0,
+                                "bytes": 0}
+    for f in stats_files:
+        stats = json.loads(f.read_text())
+        manifest["count"] += stats["samples"]
+        manifest["t5_tokens"] += stats["t5_tokens"]
+        manifest["bytes"] += stats["bytes"]
+        for field in ("skipped", "bucket_counts"):
+            for k, n in stats[field].items():
+                manifest[field][k] = manifest[field].get(k, 0) + n
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _check_settings(out: Path, settings: ExtractSettings) -> None:
+    """Record the settings on the first run; a resumed run must use the same ones."""
+    path = out / SETTINGS
+    wanted = asdict(settings)
+    if not path.is_file():
+        _write_json(path, wanted)
+    found = json.loads(path.read_text())
+    differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+    if differ:
+        raise FileExistsError(f"{out} holds features extracted with other settings (found, wanted): {differ}; "
+                              "choose another folder or delete it")
+
+
+def _count(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
