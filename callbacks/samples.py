@@ -12,6 +12,7 @@ from PIL import Image
 
 from pixart_lightning.config import SamplesSection
 from pixart_lightning.generate import save_grid
+from pixart_lightning.parallel import is_sharded
 
 
 class SampleGrid(L.Callback):
@@ -31,9 +32,12 @@ class SampleGrid(L.Callback):
         self.log_grid(trainer, pl_module, "final")
 
     def log_grid(self, trainer: L.Trainer, pl_module, name: str) -> Path | None:
-        """Sample, save ``samples/<name>.png`` and log it as the ``samples`` image; rank 0 only."""
+        """Sample, save ``samples/<name>.png`` and log it as the ``samples`` image.
+
+        Rank 0 samples alone, except under FSDP, where every rank must join the sharded forward passes.
+        """
         conditions = self.cfg.prompts if self.text_mode else self.cfg.labels
-        if not conditions or not trainer.is_global_zero:
+        if not conditions or not (trainer.is_global_zero or is_sharded(pl_module.model)):
             return None
         key = "prompts" if self.text_mode else "labels"
         rows = [
@@ -41,6 +45,8 @@ class SampleGrid(L.Callback):
             for scale in self.cfg.cfg_scales
         ]
         images = torch.cat(rows)
+        if not trainer.is_global_zero:
+            return None
         path = save_grid(images, self.out_dir / f"{name}.png", columns=len(conditions), scale=self.cfg.scale)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help="VAE hub id or local folder")
     p.set_defaults(func=cmd_export_pipeline)
 
-    p = sub.add_parser("tiny-models", help="build the tiny offline T5 (with tokenizer) and VAE")
+    p = sub.add_parser("tiny-models", help="build the tiny offline T5 (with tokenizer), VAE and LLaVA")
     p.add_argument("out", help="output folder")
     p.set_defaults(func=cmd_tiny_models)
 
@@ -347,8 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
-    except _user_errors() as err:  # user mistakes: one line, no traceback (real crashes keep theirs)
-        message = str(err).strip().splitlines()
+    except Exception as err:
+        from callbacks.preemption import Preempted  # late imports: keep `--help` and user errors fast
+
+        if isinstance(err, Preempted):  # checkpointed on SIGUSR1; the requeued job (or the same command) resumes
+            print(f"pixart-lightning {args.command}: {err}", file=sys.stderr)
+            return 0
+        if not isinstance(err, _user_errors()):
+            raise  # real crashes keep their traceback
+        message = str(err).strip().splitlines()  # user mistakes: one line, no traceback
         print(f"pixart-lightning {args.command}: error: {message[0] if message else type(err).__name__}", file=sys.stderr)
         for line in message[1:]:
             print(f"  {line}", file=sys.stderr)

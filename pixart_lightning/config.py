@@ -24,6 +24,9 @@ from .models.config import MODEL_SIZES, PixArtConfig
 
 STAGES = (1, 2, 3)
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+STRATEGIES = ("auto", "ddp", "fsdp")
+SHARDINGS = ("full", "grad_op", "hybrid")
+FSDP_PRECISIONS = ("32", "bf16-mixed")  # 16-mixed needs a gradient scaler, which FSDP2 here does not use
 PIXEL_SPACE = "pixel"
 TINY_T5 = "tiny"
 
@@ -131,8 +134,19 @@ class OptimSection:
 class TrainSection:
     max_steps: int = 1000
     precision: str = "bf16-mixed"
+    """``bf16-mixed`` keeps fp32 master weights (with FSDP: sharded fp32 weights, bf16 all-gathers)."""
     accelerator: str = "auto"
     devices: int = 1
+    """Processes (GPUs) per node."""
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """``auto`` (one device, else DDP), ``ddp``, or ``fsdp`` (FSDP2 ``fully_shard`` per transformer block)."""
+    sharding: str = "full"
+    """FSDP: ``full`` (params, grads and optimizer state sharded; params re-gathered for backward),
+    ``grad_op`` (params kept gathered between forward and backward), ``hybrid`` (full within a node,
+    replicated across nodes)."""
+    sharded_checkpoint: bool = True
+    """FSDP: each rank writes its shard (a folder); False gathers one file on rank 0."""
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -234,6 +248,14 @@ def validate(cfg: StageConfig) -> StageConfig:
     _choices_check(problems, "diffusion.prediction", cfg.diffusion.prediction, PREDICTIONS)
     _choices_check(problems, "samples.sampler", cfg.samples.sampler, SAMPLERS)
     _choices_check(problems, "train.precision", cfg.train.precision, PRECISIONS)
+    _choices_check(problems, "train.strategy", cfg.train.strategy, STRATEGIES)
+    _choices_check(problems, "train.sharding", cfg.train.sharding, SHARDINGS)
+    if cfg.train.devices < 1 or cfg.train.num_nodes < 1:
+        problems.append("train.devices and train.num_nodes must be at least 1")
+    if cfg.train.strategy == "fsdp" and cfg.train.precision not in FSDP_PRECISIONS:
+        problems.append(f"train.precision={cfg.train.precision!r} with FSDP: valid choices are {', '.join(FSDP_PRECISIONS)}")
+    if cfg.train.sharding == "hybrid" and cfg.train.strategy == "fsdp" and cfg.train.num_nodes < 2:
+        problems.append("train.sharding=hybrid replicates across nodes: it needs train.num_nodes >= 2")
     _choices_check(problems, "text_encoder.dtype", cfg.text_encoder.dtype, ("fp32", "bf16", "fp16"))
     if not cfg.data.shards:
         problems.append("data.shards is empty: give a shard folder, a brace pattern or an image folder")

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from .parallel import local
+
 
 class EMA(nn.Module):
     """A frozen fp32 copy of ``model`` that trails it: p_ema ← r·p_ema + (1 − r)·p.
@@ -34,7 +36,8 @@ class EMA(nn.Module):
         """One EMA step over the parameters (buffers are fixed tables and are not averaged)."""
         n = int(self.updates)
         rate = min(self.rate, (1 + n) / (10 + n))
-        ema_params = list(self.model.parameters())
-        params = [p.detach().float() for p in model.parameters()]
+        # Under FSDP both are sharded alike: average this rank's shards.
+        ema_params = [local(p) for p in self.model.parameters()]
+        params = [local(p.detach()).float() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - rate)
         self.updates += 1

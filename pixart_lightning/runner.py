@@ -28,8 +28,10 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from callbacks.preemption import Preempted, Preemption
 from callbacks.samples import SampleGrid
 from stages import STAGE_MODULES
 
@@ -40,6 +42,7 @@ from .data.synth import synthesize
 from .evaluation import alignment
 from .interop import load_weights, save_weights
 from .models import PixArt
+from .parallel import make_strategy
 from .text_encoder import T5TextEncoder
 from .tiny_models import build_tiny_t5
 from .vae import VAE, PixelSpace
@@ -262,26 +265,35 @@ def run_unit(
     }
     write_json(unit.dir / MANIFEST, manifest)
     last = unit.dir / "checkpoints" / "last.ckpt"
+    if last.is_dir() and cfg.train.strategy != "fsdp":
+        raise RunnerError(f"{last} is a sharded FSDP checkpoint: resume with train.strategy=fsdp and the same number "
+                          f"of processes, or delete it to restart {unit.label}")
+    preemption = Preemption(last)
+    # Our own SIGUSR1 handling (callbacks/preemption.py) replaces Lightning's, which saves inside the signal handler.
+    environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = L.Trainer(
-        accelerator=cfg.train.accelerator, devices=cfg.train.devices, precision=cfg.train.precision,
+        accelerator=cfg.train.accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
+        strategy=make_strategy(cfg.train), precision=cfg.train.precision,
         max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
         logger=TensorBoardLogger(save_dir=str(unit.dir), name="", version="tensorboard"),
         callbacks=[
             ModelCheckpoint(dirpath=unit.dir / "checkpoints", every_n_train_steps=cfg.train.checkpoint_every,
                             save_top_k=0, save_last=True),
             SampleGrid(cfg.samples, unit.dir / "samples", cfg.text_mode),
+            preemption,
             *(callbacks or []),
         ],
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False,
+        plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=unit.dir, use_distributed_sampler=False,
     )
-    print(f"{unit.label}: {'resuming from ' + str(last) if last.is_file() else 'training'} -> {unit.dir}", flush=True)
+    if trainer.is_global_zero:
+        print(f"{unit.label}: {'resuming from ' + str(last) if last.exists() else 'training'} -> {unit.dir}", flush=True)
     try:
         datamodule = ShardDataModule(cfg.data, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
         trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=str(last) if last.is_file() else None)
+                    ckpt_path=str(last) if last.exists() else None)
     except BaseException:
-        if last.is_file():
+        if last.exists() and trainer.is_global_zero:
             print(f"{unit.label}: stopped at step {trainer.global_step}; once the cause is fixed, the same command "
                   f"resumes from {last}", flush=True)
         raise
@@ -289,11 +301,15 @@ def run_unit(
         manifest["wall_time_s"] += time.time() - started
         write_json(unit.dir / MANIFEST, manifest)
     manifest["skipped_samples"] = module.skipped
+    if preemption.stopped:
+        raise Preempted(f"{unit.label}: checkpointed at step {trainer.global_step} after SIGUSR1 ({preemption.stopped}); "
+                        f"the same command resumes from {last}")
     if trainer.global_step < cfg.train.max_steps:
         raise RunnerError(f"{unit.label} stopped at step {trainer.global_step} of {cfg.train.max_steps}; "
                           "run the same command again to resume it")
+    model, ema = module.consolidated()  # collective under FSDP: every rank takes part, rank 0 gets the weights
     if trainer.is_global_zero:
-        _finish(unit, trainer, module, manifest, vae, encoder)
+        _finish(unit, trainer, model, ema, manifest, vae, encoder)
     trainer.strategy.barrier("stage finished")  # no rank starts the next stage before its parent is written
 
 
@@ -310,17 +326,18 @@ def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path
     return weights
 
 
-def _finish(unit: Unit, trainer: L.Trainer, module, manifest: dict[str, Any], vae, encoder) -> None:
-    """Save the handoff weights, score alignment if asked, mark the unit done."""
+def _finish(
+    unit: Unit, trainer: L.Trainer, model: PixArt, ema: PixArt | None, manifest: dict[str, Any], vae, encoder
+) -> None:
+    """Save the handoff weights (plain, unsharded models), score alignment if asked, mark the unit done."""
     cfg = unit.cfg
-    outputs = {"final": save_weights(module.model, unit.dir / FINAL)}
-    if module.ema is not None:
-        outputs["ema"] = save_weights(module.ema.model, unit.dir / FINAL_EMA)
+    outputs = {"final": save_weights(model, unit.dir / FINAL)}
+    if ema is not None:
+        outputs["ema"] = save_weights(ema, unit.dir / FINAL_EMA)
     manifest["weights"] = {name: {"path": str(p), "sha256": sha256(p)} for name, p in outputs.items()}
     if cfg.eval.alignment_prompts:
-        model: PixArt = module.sampling_model(cfg.samples.use_ema)
         result = alignment(
-            model, vae, encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed, height=cfg.data.resolution,
+            ema if cfg.samples.use_ema and ema is not None else model, vae, encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed, height=cfg.data.resolution,
             width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
             cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction,
         )

@@ -161,10 +161,6 @@ def build_tiny_vae(
     return out_dir
 
 
-def build_tiny_models(out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Build the tiny T5 and VAE under ``out_dir/t5`` and ``out_dir/vae``."""
-    out_dir = Path(out_dir)
-    return {"t5": build_tiny_t5(out_dir / "t5"), "vae": build_tiny_vae(out_dir / "vae")}
 
 
 # Tiny LLaVA (build_tiny_llava): a word-level vocabulary big enough for the recaption prompt and some descriptive
@@ -246,3 +242,10 @@ def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     )
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_models(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Build the tiny T5, VAE and LLaVA under ``out_dir/t5``, ``out_dir/vae`` and ``out_dir/llava``."""
+    out_dir = Path(out_dir)
+    return {"t5": build_tiny_t5(out_dir / "t5"), "vae": build_tiny_vae(out_dir / "vae"),
+            "llava": build_tiny_llava(out_dir / "llava")}

@@ -73,17 +73,17 @@ class VAE(nn.Module):
         posterior = self.model.encode(images.to(self.device, self.dtype)).latent_dist
         return posterior.mean, posterior.std
 
-    def latents_from_posterior(
-        self, mean: Tensor, std: Tensor, sample: bool = False, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Scaled latents from posterior moments: the mean, or one draw if ``sample``."""
-        if sample:
-            mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    def latents_from_posterior(self, mean: Tensor, std: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Scaled latents from posterior moments: the mean, or the draw mean + std * noise."""
+        if noise is not None:
+            mean = mean + std * noise.to(mean.dtype)
         return mean * self.scale_factor
 
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Scaled latents of images in [-1, 1]: the posterior mean, or a draw if ``sample``."""
-        return self.latents_from_posterior(*self.encode_posterior(images), sample=sample, generator=generator)
+        mean, std = self.encode_posterior(images)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) if sample else None
+        return self.latents_from_posterior(mean, std, noise)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -120,9 +120,7 @@ class PixelSpace(nn.Module):
         """A point mass at the image: mean = the image, std = 0."""
         return images, torch.zeros_like(images)
 
-    def latents_from_posterior(
-        self, mean: Tensor, std: Tensor, sample: bool = False, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def latents_from_posterior(self, mean: Tensor, std: Tensor, noise: Tensor | None = None) -> Tensor:
         return mean
 
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:

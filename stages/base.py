@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from pixart_lightning import parallel
 from pixart_lightning.config import StageConfig
 from pixart_lightning.diffusion import create_diffusion
 from pixart_lightning.ema import EMA
@@ -22,6 +23,10 @@ from pixart_lightning.generate import generate
 from pixart_lightning.models import PixArt
 from pixart_lightning.text_encoder import T5TextEncoder
 from pixart_lightning.vae import VAE, PixelSpace
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this run cannot continue from as it is configured."""
 
 
 class DiffusionStage(L.LightningModule):
@@ -64,19 +69,51 @@ class DiffusionStage(L.LightningModule):
     def text_encoder(self) -> T5TextEncoder | None:
         return self.frozen["text_encoder"]
 
+    def configure_model(self) -> None:
+        """Under FSDP, shard the backbone and its EMA copy block by block (the same mesh, so their shards align)."""
+        if not isinstance(self.trainer.strategy, parallel.ShardedStrategy) or parallel.is_sharded(self.model):
+            return
+        for model in (self.model, self.ema.model if self.ema is not None else None):
+            if model is not None:
+                parallel.shard(model, self.cfg.train, self.device_mesh["data_parallel"], self.device.type)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["world_size"] = self.trainer.world_size
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The data position and the per-rank data split depend on the number of processes: refuse another."""
+        saved = checkpoint.get("world_size", 1)
+        if saved != self.trainer.world_size:
+            raise ResumeError(
+                f"this stage's checkpoint was written by {saved} processes and this run has {self.trainer.world_size}; "
+                f"resume with train.devices x train.num_nodes = {saved}, or delete the stage folder's checkpoints/ "
+                "to restart the stage (its parent's weights are not affected)"
+            )
+
     def on_fit_start(self) -> None:
         for module in self.frozen.values():
             if module is not None:
                 module.to(self.device)
 
-    def _step_generator(self, *stream: int) -> torch.Generator:
-        """Timesteps, noise and caption drops for this step are a function of (seed, step, rank).
+    def _step_draws(self, shape: tuple[int, ...], *stream: int) -> dict[str, Tensor]:
+        """This rank's share of the step's random draws for the global batch: timesteps, noise, caption drops.
 
-        So a resumed run draws exactly what an uninterrupted one would have, without saving RNG state.
-        ``stream`` keys a separate sequence (the posterior draw) that leaves the main one unchanged.
+        They are a function of (seed, step) only, drawn for all ranks' samples and sliced, so a resumed run
+        draws what an uninterrupted one would have (no RNG state to save), and N processes with batch B
+        train exactly like one process with batch N x B. ``stream`` keys a separate sequence (the
+        posterior draw) that leaves the main one unchanged.
         """
-        seed = hash((self.cfg.train.seed, self.global_step, self.global_rank, *stream)) % (2**63)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        # The 0 holds the place of the rank in earlier versions, which keeps single-process draws as they were.
+        seed = hash((self.cfg.train.seed, self.global_step, 0, *stream)) % (2**63)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        B, world, rank = shape[0], self.trainer.world_size if self._trainer else 1, self.global_rank
+        mine = slice(rank * B, (rank + 1) * B)
+        if stream:
+            return {"noise": torch.randn((B * world, *shape[1:]), device=self.device, generator=gen)[mine]}
+        t = torch.randint(0, self.diffusion.num_timesteps, (B * world,), device=self.device, generator=gen)
+        noise = torch.randn((B * world, *shape[1:]), device=self.device, generator=gen)
+        drop = torch.rand(B * world, device=self.device, generator=gen) < self.model.cfg.class_dropout_prob
+        return {"t": t[mine], "noise": noise[mine], "drop": drop[mine]}
 
     def latents(self, batch: dict[str, Any]) -> Tensor:
         """Scaled latents of the batch: the VAE posterior, from precomputed moments or encoded on the fly,
@@ -85,21 +122,18 @@ class DiffusionStage(L.LightningModule):
             mean, std = batch["latent_mean"].to(self.device).float(), batch["latent_std"].to(self.device).float()
         else:
             mean, std = (m.float() for m in self.vae.encode_posterior(batch["pixels"].to(self.device, self.vae.dtype)))
-        return self.vae.latents_from_posterior(mean, std, sample=self.cfg.vae.sample_posterior,
-                                               generator=self._step_generator(1))
+        noise = self._step_draws(tuple(mean.shape), 1)["noise"] if self.cfg.vae.sample_posterior else None
+        return self.vae.latents_from_posterior(mean, std, noise)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         for reason, n in batch.get("skipped", {}).items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
         x0 = self.latents(batch)
         kwargs = self.conditioning(batch)
-        gen = self._step_generator()
         B = x0.shape[0]
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=self.device, generator=gen)
-        noise = torch.randn(x0.shape, device=self.device, generator=gen)
-        drop = torch.rand(B, device=self.device, generator=gen) < self.model.cfg.class_dropout_prob
-        kwargs["force_drop_ids"] = drop.long()
-        losses = self.diffusion.training_losses(self.model, x0, t, kwargs, noise)
+        draws = self._step_draws(tuple(x0.shape))
+        kwargs["force_drop_ids"] = draws["drop"].long()
+        losses = self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"])
         loss = losses["loss"].mean()
         log = {f"train/{k}": v.mean() for k, v in losses.items()}
         self.log_dict(log, prog_bar=False, on_step=True, batch_size=B)
@@ -108,8 +142,7 @@ class DiffusionStage(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping)."""
-        max_norm = self.cfg.optim.grad_clip or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = parallel.clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
         self.log("train/grad_norm", norm, on_step=True, batch_size=1)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -140,9 +173,27 @@ class DiffusionStage(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ sampling and export
     def sampling_model(self, use_ema: bool = True) -> PixArt:
         return self.ema.model if use_ema and self.ema is not None else self.model
+
+    def consolidated(self) -> tuple[PixArt | None, PixArt | None]:
+        """(model, EMA model) as plain, unsharded modules on rank 0, whatever the strategy.
+
+        Collective under FSDP (every rank must call it; the others get ``(None, None)``).
+        """
+        if not parallel.is_sharded(self.model):
+            return self.model, self.ema.model if self.ema is not None else None
+        plain: list[PixArt | None] = []
+        for model in (self.model, self.ema.model if self.ema is not None else None):
+            state = parallel.full_state_dict(model) if model is not None else {}
+            if model is None or self.global_rank != 0:
+                plain.append(None)
+                continue
+            copy = PixArt(model.cfg)
+            copy.load_state_dict(state)
+            plain.append(copy.to(self.device).eval())
+        return plain[0], plain[1]
 
     @torch.no_grad()
     def sample_images(

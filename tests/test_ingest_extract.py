@@ -174,14 +174,13 @@ def test_training_on_extracted_features_matches_on_the_fly(tmp_path: Path, tiny:
 
 def test_cli_chain_ingest_caption_extract(tmp_path: Path, tiny: dict[str, Path], capsys) -> None:
     """The data commands chain: a folder -> shards -> dense captions (tiny random LLaVA) -> features of them."""
-    from pixart_lightning.tiny_models import build_tiny_llava
 
     images = tmp_path / "images"
     images.mkdir()
     for i in range(5):
         (images / f"im{i}.jpg").write_bytes(jpeg((40, 32), (40 * i, 90, 20)))
         (images / f"im{i}.txt").write_text(f"photo number {i}")
-    llava = build_tiny_llava(tmp_path / "llava")
+    llava = tiny["llava"]
     assert main(["data", "ingest", str(images), "--out", str(tmp_path / "shards"), "--samples-per-shard", "3"]) == 0
     assert main(["data", "caption", str(tmp_path / "shards"), str(tmp_path / "dense"), "--model", str(llava),
                  "--max-new-tokens", "12", "--batch-size", "2"]) == 0

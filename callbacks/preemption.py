@@ -1,0 +1,54 @@
+"""Preemption: on SIGUSR1, checkpoint at the next step boundary, requeue the Slurm job, stop.
+
+Slurm sends SIGUSR1 ``--signal=SIGUSR1@90`` seconds before a job's time limit (and on preemption, with
+a grace period). The handler only sets a flag: saving inside a signal handler would interrupt the
+training step anywhere, e.g. between the optimizer and the EMA update. At the end of every step the
+ranks agree on the flag (one all-reduce of a scalar), all save the checkpoint together, rank 0 asks
+Slurm to requeue the job, and training stops. The requeued job runs the same command, which resumes
+from that checkpoint: the data position is the step count, so it continues with the next batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class Preempted(Exception):
+    """Training stopped on a preemption signal after writing its checkpoint (not an error)."""
+
+
+class Preemption(L.Callback):
+    def __init__(self, checkpoint: Path, signum: signal.Signals = signal.SIGUSR1):
+        self.checkpoint = Path(checkpoint)
+        self.signum = signum
+        self.requested = False
+        self.stopped: str | None = None
+        """After a preemption stop: what was done (``requeued job N`` or ``no Slurm job to requeue``)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        signal.signal(self.signum, self._flag)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        signal.signal(self.signum, signal.SIG_DFL)
+
+    def _flag(self, signum: int, frame) -> None:
+        self.requested = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        flag = torch.tensor(float(self.requested), device=pl_module.device)
+        if trainer.world_size > 1:  # a signal may reach the ranks at different steps: stop together
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if not flag.item():
+            return
+        trainer.save_checkpoint(self.checkpoint)
+        job = os.environ.get("SLURM_JOB_ID")
+        if trainer.is_global_zero and job:
+            subprocess.run(["scontrol", "requeue", job], check=True)
+        self.stopped = f"requeued job {job}" if job else "no Slurm job to requeue"
+        trainer.should_stop = True
