@@ -13,7 +13,7 @@ then stores in fp32), so the compressed sizes are estimates for real features; t
 Throughput: 256-px samples (latent moments 4 x 32 x 32 fp16 and T5 features) written as webdataset
 shards, read through the training loader (``ShardStream`` in a ``DataLoader``, batch 64), at the tiny
 T5 width (64) and T5-XXL's (4096). From samples/s per worker it prints how many loader workers keep
-one GPU fed at the rates of ``docs/performance-anchors`` (PixArt-XL/2 at 256 px).
+one GPU fed at PixArt-XL/2-256 training rates (``TARGET_RATES``).
 """
 
 from __future__ import annotations

@@ -127,6 +127,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     run(args.config, stages, args.overrides)
 
 
+def cmd_slurm(args: argparse.Namespace) -> None:
+    from .slurm import SlurmOptions, submit
+
+    stages = [int(s) for s in args.stages.split(",")] if args.stages else None
+    options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                           cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                           account=args.account, qos=args.qos, sbatch_args=args.sbatch_arg)
+    submit(args.config, stages, args.overrides, options, dry_run=args.dry_run)
+
+
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from .data.synth import synthesize
 
@@ -145,9 +155,9 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
 
 def cmd_data_caption(args: argparse.Namespace) -> None:
     from .data.caption import recaption
-    from .data.extract import default_rank
+    from .data.workers import process_rank
 
-    rank, world_size = (args.rank, args.world_size) if args.rank is not None else default_rank()
+    rank, world_size = process_rank(args.rank, args.world_size)
     summary = recaption(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, seed_with_caption=not args.no_seed_caption,
                         dtype=args.dtype, device=args.device, rank=rank, world_size=world_size)
@@ -264,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value (all stages) or stageN.key=value (one stage)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("slurm", help="submit stages as chained Slurm jobs (each starts when the previous succeeded)")
+    p.add_argument("config", help="config folder, e.g. configs/pixart-xl2")
+    p.add_argument("--stages", help="comma-separated, e.g. 1,2,3 (default: all)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU processes")
+    p.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, 1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, help="default: the cluster's")
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit per job, e.g. 2-00:00:00; SIGUSR1 90 s before it checkpoints and requeues")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="--OPTION=VALUE",
+                   help="another #SBATCH option (repeatable), e.g. --sbatch-arg=--constraint=a100")
+    p.add_argument("--dry-run", action="store_true", help="write the scripts under <run>/slurm and print the sbatch "
+                   "commands; submit nothing")
+    p.add_argument("overrides", nargs="*", help="key=value (all stages) or stageN.key=value (one stage)")
+    p.set_defaults(func=cmd_slurm)
+
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write webdataset shards of the synthetic shapes world")
     p.add_argument("out", help="output folder")
@@ -291,9 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-seed-caption", action="store_true", help="do not show the model the original caption")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) or a torch dtype name")
-    p.add_argument("--device", help="default: cuda:(rank mod GPUs) if available, else cpu")
+    p.add_argument("--device", help="default: this process's GPU ($LOCAL_RANK or $SLURM_LOCALID) if any, else cpu")
     p.add_argument("--rank", type=int, help="this process (default: $RANK or $SLURM_PROCID, else 0)")
-    p.add_argument("--world-size", type=int, default=1, help="processes sharing the shards (with --rank)")
+    p.add_argument("--world-size", type=int, help="processes sharing the shards (default: $WORLD_SIZE or "
+                   "$SLURM_NTASKS, else 1)")
     p.set_defaults(func=cmd_data_caption)
 
     p = data.add_parser("stats", help="the paper's concept-density table: nouns in original vs dense captions")
@@ -324,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(~70%% of raw bf16 bytes, ~3 ms to unpack per sample)")
     p.add_argument("--keep-images", action="store_true", help="keep the image members too")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", help="default: cuda:$LOCAL_RANK if available, else cpu")
+    p.add_argument("--device", help="default: this process's GPU ($LOCAL_RANK or $SLURM_LOCALID) if any, else cpu")
     p.add_argument("--rank", type=int, help="this process (default: $RANK or $SLURM_PROCID, else 0)")
     p.add_argument("--world-size", type=int, help="processes sharing the shards (default: $WORLD_SIZE or "
                    "$SLURM_NTASKS, else 1)")
@@ -341,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may follow options (`run configs/demo --stages 1 optim.lr=1e-4`).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "run" or any("=" not in e or e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("run", "slurm") or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

@@ -40,6 +40,7 @@ from .data.module import ShardDataModule
 from .data.shards import data_buckets, read_manifest
 from .data.synth import synthesize
 from .evaluation import alignment
+from .files import write_json_atomic
 from .interop import load_weights, save_weights
 from .models import PixArt
 from .parallel import make_strategy
@@ -48,6 +49,7 @@ from .tiny_models import build_tiny_t5
 from .vae import VAE, PixelSpace
 
 FINAL, FINAL_EMA, MANIFEST = "final.safetensors", "final-ema.safetensors", "manifest.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RunnerError(RuntimeError):
@@ -138,12 +140,9 @@ def sha256(path: Path) -> str:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary name, then rename); in a multi-process run only rank 0 writes."""
-    if rank_zero_only.rank != 0:
-        return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write JSON atomically; in a multi-process run only rank 0 writes."""
+    if rank_zero_only.rank == 0:
+        write_json_atomic(path, payload)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -173,12 +172,13 @@ def text_encoder_path(cfg: StageConfig) -> str:
 
 
 def load_text_encoder(name: str, max_length: int = 120, dtype: str = "fp32") -> T5TextEncoder:
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return T5TextEncoder.from_pretrained(name, max_length=max_length, dtype=dtypes[dtype])
+    return T5TextEncoder.from_pretrained(name, max_length=max_length, dtype=DTYPES[dtype])
 
 
-def load_vae(name: str, scale_factor: float = 0.18215) -> VAE | PixelSpace:
-    return PixelSpace() if name == PIXEL_SPACE else VAE.from_pretrained(name, scale_factor=scale_factor)
+def load_vae(name: str, scale_factor: float = 0.18215, dtype: str = "fp32") -> VAE | PixelSpace:
+    if name == PIXEL_SPACE:
+        return PixelSpace()
+    return VAE.from_pretrained(name, scale_factor=scale_factor, dtype=DTYPES[dtype])
 
 
 def prepare_data(cfg: StageConfig, granularity: int) -> None:
@@ -206,7 +206,8 @@ def check_features(cfg: StageConfig, text_path: str | None, patch_size: int) -> 
     if m.get("kind") != "features":
         return
     d = cfg.data
-    wanted = {"caption_key": d.caption_key, "max_length": cfg.text_encoder.max_length} if cfg.text_mode else {}
+    wanted = ({"caption_key": d.caption_key, "max_length": cfg.text_encoder.max_length}
+              if cfg.text_mode and m.get("text_encoder") else {})
     if m.get("vae"):
         wanted |= {"resolution": d.resolution, "multi_scale": d.multi_scale, "patch_size": patch_size}
         if d.multi_scale:

@@ -102,7 +102,6 @@ class PixelSpace(nn.Module):
 
     downsample_factor = 1
     latent_channels = 3
-    scale_factor = 1.0
 
     def __init__(self) -> None:
         super().__init__()

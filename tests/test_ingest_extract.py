@@ -127,7 +127,7 @@ def test_extract_latents_per_bucket_and_trimmed_t5(tmp_path: Path, tiny: dict[st
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000001.tar"]
     manifest = extract(str(shards), out, settings, batch_size=5, rank=0, world_size=2, progress=False)
     assert manifest["count"] == 24 and manifest["bucket_counts"] == json.loads(
-        (shards / "world.json").read_text())["bucket_counts"] | {}
+        (shards / "world.json").read_text())["bucket_counts"]
     encoder = T5TextEncoder.from_pretrained(tiny["t5"], max_length=16)
     for sample in samples(out / "shard-000000.tar"):
         features = decode_features(sample[FEATURES_KEY])
@@ -138,8 +138,9 @@ def test_extract_latents_per_bucket_and_trimmed_t5(tmp_path: Path, tiny: dict[st
         reference, mask = encoder.encode([sample["txt"].decode()])
         assert features["t5"].shape[0] == int(mask.sum()) < 16
         torch.testing.assert_close(features["t5"].float(), reference[0, : int(mask.sum())], atol=0.05, rtol=0.02)
+    written = {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     again = extract(str(shards), out, settings, rank=0, world_size=1, progress=False)
-    assert again["count"] == 24  # nothing redone: every shard was complete
+    assert again["count"] == 24 and written == {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}  # none redone
     with pytest.raises(FileExistsError, match="other settings"):
         extract(str(shards), out, ExtractSettings(vae="pixel", text_encoder=None, resolution=32), progress=False)
 

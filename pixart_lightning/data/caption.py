@@ -15,7 +15,6 @@ skips the shards already done and an interrupted job resumes shard by shard. Sam
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -33,8 +32,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
+from ..files import write_json_atomic
 from ..hub import load_pretrained
-from .shards import IMAGE_EXTENSIONS, MANIFEST_NAMES, batched, tar_shards
+from .samples import caption_text, image_member, open_image
+from .shards import MANIFEST_NAMES, DataError, batched, tar_shards
+from .workers import process_device, process_rank, share
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,7 @@ def recaption(
     ``dtype="auto"`` is bfloat16 on CUDA and float32 otherwise; ``device=None`` picks ``cuda:{rank % gpus}``
     when CUDA is available. The model is loaded only if some shard of this rank is still to do.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    rank, world_size = process_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     start = time.perf_counter()
@@ -112,10 +113,9 @@ def recaption(
     shards = tar_shards(source)
     if any(shard.parent.resolve() == out_dir.resolve() for shard in shards):
         raise ValueError(f"{out_dir}: the output folder must not be the source folder")
-    mine = shards[rank::world_size]
+    mine = share(shards, rank, world_size)
     todo = [shard for shard in mine if not (out_dir / shard.name).is_file()]
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{rank % torch.cuda.device_count()}"
+    device = device or process_device(rank)
 
     skipped: Counter[str] = Counter()
     tar_errors: Counter[str] = Counter()
@@ -144,7 +144,7 @@ def recaption(
         "seconds": round(time.perf_counter() - start, 2),
     }
     name = "caption-manifest.json" if world_size == 1 else f"caption-manifest-rank{rank}.json"
-    (out_dir / name).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out_dir / name, summary)
     if rank == 0:
         _copy_dataset_manifest(shards[0].parent, out_dir)
     log.info("recaption summary: %s", json.dumps(summary))
@@ -156,12 +156,12 @@ def _recaption_shard(
     skipped: Counter[str], tar_errors: Counter[str], bar: tqdm,
 ) -> int:
     """Caption one shard into ``out_dir/<shard name>`` (renamed into place when complete); returns samples written."""
-    partial = out_dir / f"{shard.name}.partial"
-    written = 0
+    partial = out_dir / f".{shard.name}.{os.getpid()}.partial"
+    written, errors_before = 0, tar_errors.total()
     with TarWriter(str(partial), encoder=False) as sink:
         for batch in batched(_readable(shard, skipped, tar_errors), batch_size):
             samples, images = zip(*batch, strict=True)
-            captions = [_text(s.get("txt")) if seed_with_caption else None for s in samples]
+            captions = [caption_text(s, "txt", {}) if seed_with_caption else None for s in samples]
             for sample, dense in zip(samples, captioner(images, captions), strict=True):
                 bar.update()
                 if not dense:
@@ -169,6 +169,9 @@ def _recaption_shard(
                     continue
                 sink.write({**_members(sample), DENSE_KEY: dense.encode("utf-8")})
                 written += 1
+    if written == 0 and tar_errors.total() > errors_before:  # unreadable, not empty: leave it to a rerun
+        partial.unlink()
+        raise DataError(f"{shard}: could not be read; fix it and run the same command again")
     os.replace(partial, out_dir / shard.name)
     return written
 
@@ -192,12 +195,12 @@ def _readable(
             errors_before = tar_errors.total()
             skipped["incomplete (tar read error)"] += 1
             continue
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        ext = image_member(sample)
         if ext is None:
             skipped["no image"] += 1
             continue
         try:
-            image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+            image = open_image(sample[ext])
         except Exception as err:  # PIL raises several types for bad bytes (UnidentifiedImageError, OSError, ...)
             log.warning("%s: skipped sample %s: %s", shard, sample["__key__"], err)
             skipped["undecodable image"] += 1
@@ -208,10 +211,6 @@ def _readable(
 def _members(sample: dict[str, Any]) -> dict[str, Any]:
     """The sample's key and file members, without the reader's bookkeeping (``__url__`` etc.)."""
     return {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
-
-
-def _text(data: bytes | None) -> str | None:
-    return data.decode("utf-8", errors="replace") if data is not None else None
 
 
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:

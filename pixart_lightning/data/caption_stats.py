@@ -8,19 +8,18 @@ typos and one-off names do not inflate the vocabulary), their ratio VN/DN, and n
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from webdataset.tariterators import tarfile_samples
 
+from ..files import write_json_atomic
 from .nouns import nouns
+from .samples import caption_text
 from .shards import tar_shards
 
 log = logging.getLogger(__name__)
@@ -73,16 +72,6 @@ def _samples(shard: str) -> Iterator[dict[str, Any]]:
     yield from tarfile_samples([{"url": shard}], handler=handler)
 
 
-def _decode(data: bytes | None) -> str | None:
-    if data is None:
-        return None
-    try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-    return text or None
-
-
 def read_captions(source: str, keys: Sequence[str] = ("txt", "dense.txt")) -> dict[str, list[str | None]]:
     """Captions of every sample in webdataset shards, per key: ``{key: [caption or None, ...]}``, samples aligned.
 
@@ -97,7 +86,7 @@ def read_captions(source: str, keys: Sequence[str] = ("txt", "dense.txt")) -> di
     for shard in tar_shards(source):
         for sample in _samples(str(shard)):
             for key in keys:
-                captions[key].append(_decode(sample.get(key)))
+                captions[key].append(caption_text(sample, key, {}) if key in sample else None)
     return captions
 
 
@@ -141,15 +130,4 @@ def format_table(stats: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_statistics(stats: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write ``stats`` as JSON, atomically: a reader sees the old file or the whole new one, never half of one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(stats, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a report is for everyone who can read the folder
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_json_atomic(path, stats)

@@ -18,7 +18,6 @@ the encoders, sizes and dtypes the runner checks a stage config against.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -27,15 +26,16 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
+from ..files import write_json_atomic
 from .features import FEATURES_KEY, encode_features
-from .shards import IMAGE_EXTENSIONS, batched, data_buckets, fit_to_bucket, tar_shards
+from .samples import IMAGE_EXTENSIONS, caption_text, fit_to_bucket, image_member, open_image, original_size, sample_meta
+from .shards import DataError, Skipped, batched, data_buckets, tar_shards
+from .workers import process_device, process_rank, share
 
 MANIFEST, SETTINGS = "manifest.json", "extract.json"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(kw_only=True)
@@ -60,25 +60,16 @@ class ExtractSettings:
     keep_images: bool = False
 
 
-def default_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's or Slurm's environment; (0, 1) when neither is set."""
-    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_var in os.environ and size_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[size_var])
-    return 0, 1
-
-
 class Extractor:
     """The frozen encoders and the bucket table, applied to one shard at a time."""
 
     def __init__(self, settings: ExtractSettings, device: str | torch.device, batch_size: int):
-        from pixart_lightning.runner import load_text_encoder, load_vae
+        from pixart_lightning.runner import DTYPES, load_text_encoder, load_vae
 
         self.settings, self.device, self.batch_size = settings, torch.device(device), batch_size
         on_gpu = self.device.type == "cuda"
-        self.vae = load_vae(settings.vae).to(self.device) if settings.vae else None
-        if self.vae is not None and on_gpu and settings.vae != "pixel":
-            self.vae.model.to(torch.float16)  # the official extractor's choice; the posterior moments are saved in fp16
+        # fp16 VAE and bf16 T5 on a GPU, as PixArt-α's extractors; the posterior moments are stored in fp16 anyway.
+        self.vae = load_vae(settings.vae, dtype="fp16" if on_gpu else "fp32").to(self.device) if settings.vae else None
         self.encoder = (load_text_encoder(settings.text_encoder, settings.max_length, "bf16" if on_gpu else "fp32")
                         if settings.text_encoder else None)
         if self.encoder is not None:
@@ -86,33 +77,34 @@ class Extractor:
         factor = self.vae.downsample_factor if self.vae is not None else 8
         self.buckets = data_buckets(settings.resolution, settings.patch_size * factor, settings.multi_scale,
                                     settings.min_ratio, settings.max_ratio)
+        self.t5_dtype = DTYPES[settings.t5_dtype]
+        # Without latents the images are what stages train on: keep them.
+        self.keep_images = settings.keep_images or self.vae is None
 
-    def _caption(self, raw: dict[str, Any]) -> str | None:
-        key = self.settings.caption_key
+    def _prepared(self, raw: dict[str, Any], skipped: Skipped) -> dict[str, Any] | None:
+        """The raw sample with its metadata, bucket-fitted pixels and caption; None (counted) when unusable."""
+        key = raw.get("__key__", "?")
         try:
-            text = raw[key].decode("utf-8") if key in raw else json.loads(raw.get("json", b"{}")).get(key, "")
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = sample_meta(raw)
+        except ValueError as err:  # also json's JSONDecodeError
+            skipped.add(f"unreadable json ({type(err).__name__})", key)
             return None
-        return (text or "").strip() or None
-
-    def _prepared(self, raw: dict[str, Any], skipped: dict[str, int]) -> dict[str, Any] | None:
-        """The raw sample with its bucket-fitted pixels and caption, or None (counted) when unusable."""
-        caption = self._caption(raw) if self.encoder is not None else None
+        caption = caption_text(raw, self.settings.caption_key, meta) if self.encoder is not None else None
         if self.encoder is not None and caption is None:
-            _count(skipped, f"empty or non-UTF-8 {self.settings.caption_key}")
+            skipped.add(f"empty or non-UTF-8 {self.settings.caption_key}", key)
             return None
-        item = {"raw": raw, "caption": caption}
+        item = {"raw": raw, "meta": meta, "caption": caption}
         if self.vae is not None:
-            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            ext = image_member(raw)
+            if ext is None:
+                skipped.add("no image", key)
+                return None
             try:
-                image = Image.open(io.BytesIO(raw[ext])).convert("RGB") if ext else None
+                image = open_image(raw[ext])
             except Exception as err:  # noqa: BLE001 - any undecodable image is skipped and counted
-                _count(skipped, f"undecodable ({type(err).__name__})")
+                skipped.add(f"undecodable ({type(err).__name__})", key)
                 return None
-            if image is None:
-                _count(skipped, "no image")
-                return None
-            item["size"] = (image.height, image.width)
+            item["size"] = original_size(meta, (image.height, image.width))
             item["ratio"], item["pixels"] = fit_to_bucket(image, self.buckets)
         return item
 
@@ -132,40 +124,41 @@ class Extractor:
             features, mask = self.encoder.encode([item["caption"] for item in items], trim=True)
             lengths = mask.sum(dim=1).tolist()
             for i, length in enumerate(lengths):
-                out[i]["t5"] = features[i, :length].to(DTYPES[self.settings.t5_dtype])
+                out[i]["t5"] = features[i, :length].to(self.t5_dtype)
         return out
 
     def _output(self, item: dict[str, Any], features: dict[str, torch.Tensor]) -> dict[str, Any]:
         raw = item["raw"]
         sample = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
-        if not self.settings.keep_images:
+        if not self.keep_images:
             sample = {k: v for k, v in sample.items() if k not in IMAGE_EXTENSIONS}
         if "ratio" in item:
-            meta = json.loads(raw.get("json", b"{}"))
             h, w = self.buckets[item["ratio"]]
-            meta["bucket"] = [h, w]
-            meta.setdefault("original_size", list(item["size"]))
-            sample["json"] = json.dumps(meta).encode()
+            sample["json"] = json.dumps(item["meta"] | {"bucket": [h, w], "original_size": list(item["size"])}).encode()
         sample[FEATURES_KEY] = encode_features(compress_t5=self.settings.t5_compress, **features)
         return sample
 
     def shard(self, url: str, target: Path, progress: tqdm) -> dict[str, Any]:
-        """Extract one shard into ``target`` (atomically); its statistics."""
-        skipped: dict[str, int] = {}
+        """Extract one shard into ``target`` (atomically); its statistics.
+
+        A shard that yields nothing because it could not be read is not marked done: a rerun retries it.
+        """
+        skipped = Skipped()
         buckets: dict[str, int] = {}
         t5_tokens = written = 0
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
 
         def on_error(err: Exception) -> bool:
-            _count(skipped, f"unreadable tar data ({type(err).__name__})")
+            skipped.add(f"unreadable tar data ({type(err).__name__})", url)
             return True
 
         with wds.TarWriter(str(partial), encoder=False) as sink:
             for batch in batched(tarfile_samples([{"url": url}], handler=on_error), self.batch_size):
                 items = [p for raw in batch if (p := self._prepared(raw, skipped)) is not None]
-                if not items:
-                    continue
-                for item, features in zip(items, self._features(items)):
+                for item, features in zip(items, self._features(items) if items else []):
+                    if not all(torch.isfinite(v).all() for v in features.values()):  # e.g. an fp16 overflow
+                        skipped.add("non-finite features", item["raw"]["__key__"])
+                        continue
                     sink.write(self._output(item, features))
                     if "ratio" in item:
                         name = "x".join(str(v) for v in self.buckets[item["ratio"]])
@@ -173,10 +166,13 @@ class Extractor:
                     t5_tokens += features["t5"].shape[0] if "t5" in features else 0
                     written += 1
                 progress.update(len(batch))
+        if written == 0 and any(reason.startswith("unreadable tar") for reason in skipped.counts):
+            partial.unlink()
+            raise DataError(f"{url}: could not be read ({skipped.keys[0]}); fix it and run the same command again")
         os.replace(partial, target)
-        stats = {"samples": written, "skipped": skipped, "bucket_counts": buckets, "t5_tokens": t5_tokens,
-                 "bytes": target.stat().st_size}
-        _write_json(target.with_suffix(".stats.json"), stats)
+        stats = {"samples": written, "skipped": skipped.counts, "skipped_keys": skipped.keys,
+                 "bucket_counts": buckets, "t5_tokens": t5_tokens, "bytes": target.stat().st_size}
+        write_json_atomic(target.with_suffix(".stats.json"), stats)
         return stats
 
 
@@ -195,20 +191,16 @@ def extract(
     settings = replace(settings, **{k: str(Path(v).resolve()) for k in ("vae", "text_encoder")
                                     if (v := getattr(settings, k)) and Path(v).exists()})
     urls = [str(p) for p in tar_shards(source)]
-    if (rank is None) != (world_size is None):
-        raise ValueError("give rank and world size together (or neither, to take them from the environment)")
-    if rank is None or world_size is None:
-        rank, world_size = default_rank()
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    if any(Path(u).parent.resolve() == Path(out_dir).resolve() for u in urls):
+        raise ValueError(f"{out_dir}: the output folder must not be the source folder (its shards would be replaced)")
+    rank, world_size = process_rank(rank, world_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
     names = [Path(u).name for u in urls]
-    mine = [(u, out / n) for i, (u, n) in enumerate(zip(urls, names)) if i % world_size == rank]
+    mine = [(u, out / n) for u, n in share(list(zip(urls, names)), rank, world_size)]
     todo = [(u, t) for u, t in mine if not (t.is_file() and t.with_suffix(".stats.json").is_file())]
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = device or process_device(rank)
     print(f"extract: rank {rank}/{world_size}: {len(todo)} of {len(mine)} shards to do "
           f"({len(mine) - len(todo)} done already) -> {out}", flush=True)
     if todo:
@@ -236,7 +228,7 @@ def _finish(out: Path, names: list[str], settings: ExtractSettings) -> dict[str,
         for field in ("skipped", "bucket_counts"):
             for k, n in stats[field].items():
                 manifest[field][k] = manifest[field].get(k, 0) + n
-    _write_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
@@ -245,19 +237,9 @@ def _check_settings(out: Path, settings: ExtractSettings) -> None:
     path = out / SETTINGS
     wanted = asdict(settings)
     if not path.is_file():
-        _write_json(path, wanted)
+        write_json_atomic(path, wanted)
     found = json.loads(path.read_text())
     differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
     if differ:
         raise FileExistsError(f"{out} holds features extracted with other settings (found, wanted): {differ}; "
                               "choose another folder or delete it")
-
-
-def _count(counts: dict[str, int], reason: str) -> None:
-    counts[reason] = counts.get(reason, 0) + 1
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)

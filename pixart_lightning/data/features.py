@@ -74,8 +74,12 @@ def decode_features(data: bytes) -> dict[str, Tensor]:
             tensors = {k: v for k, v in tensors.items() if not k.startswith("t5_")} | {"t5": unpack_t5(tensors)}
     except Exception as err:  # safetensors and zlib raise their own error types for bad bytes
         raise ValueError(f"unreadable {FEATURES_KEY}: {err}") from err
-    if "latent_mean" in tensors and tensors.get("latent_std", tensors["latent_mean"]).shape != tensors["latent_mean"].shape:
-        raise ValueError("latent_mean and latent_std differ in shape")
+    if ("latent_mean" in tensors) != ("latent_std" in tensors):
+        raise ValueError("latent_mean and latent_std come together")
+    if "latent_mean" in tensors and not (
+            tensors["latent_mean"].ndim == 3 and tensors["latent_std"].shape == tensors["latent_mean"].shape):
+        raise ValueError(f"latent moments must both be (C, h, w), got {tuple(tensors['latent_mean'].shape)} "
+                         f"and {tuple(tensors['latent_std'].shape)}")
     if "t5" in tensors and tensors["t5"].ndim != 2:
         raise ValueError(f"t5 features must be (tokens, dim), got {tuple(tensors['t5'].shape)}")
     return tensors

@@ -21,7 +21,6 @@ sanitise alike never collide.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -32,15 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
 from .buckets import bucket_table, nearest_bucket
-from .shards import IMAGE_EXTENSIONS, DataError, folder_samples, resolve_sources
+from .samples import caption_text, image_member, open_image, original_size, sample_meta
+from .shards import DataError, Skipped, folder_samples, resolve_sources
 
 MANIFEST = "manifest.json"
-KEPT_SKIPPED_KEYS = 100  # the manifest lists this many skipped keys; the counts cover all of them
 CAPTION_FIELDS = ("caption", "text", "prompt")  # where img2dataset-style json keeps a caption
 
 
@@ -52,7 +50,7 @@ def stable_key(source: str, name: str) -> str:
     return f"{readable}-{digest}" if readable else digest
 
 
-def _raw_samples(sources: Sequence[str], skipped: dict[str, int], skipped_keys: list[str]) -> Iterator[dict[str, Any]]:
+def _raw_samples(sources: Sequence[str], skipped: Skipped) -> Iterator[dict[str, Any]]:
     """Raw samples of every source in order; unreadable tar data is counted once per shard, never fatal."""
     for source in sources:
         if Path(source).is_dir():
@@ -62,52 +60,43 @@ def _raw_samples(sources: Sequence[str], skipped: dict[str, int], skipped_keys: 
 
         def handler(err: Exception, source: str = source, broken: list[Exception] = broken) -> bool:
             if not broken:  # webdataset may report one truncation at several levels
-                _skip(skipped, skipped_keys, f"unreadable tar data ({type(err).__name__})", source)
+                skipped.add(f"unreadable tar data ({type(err).__name__})", source)
             broken.append(err)
             return True
 
         yield from tarfile_samples([{"url": source}], handler=handler)
 
 
-def _skip(skipped: dict[str, int], skipped_keys: list[str], reason: str, key: str) -> None:
-    skipped[reason] = skipped.get(reason, 0) + 1
-    if len(skipped_keys) < KEPT_SKIPPED_KEYS:
-        skipped_keys.append(f"{key}: {reason}")
-
-
 def _caption(raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
-    """The original caption (``.txt`` first, then a json caption field); None when absent, empty or not UTF-8."""
-    try:
-        text = raw["txt"].decode("utf-8") if "txt" in raw else next(
-            (meta[f] for f in CAPTION_FIELDS if isinstance(meta.get(f), str)), "")
-    except UnicodeDecodeError:
-        return None
-    return text.strip() or None
+    """The original caption: ``.txt``, else the first json caption field."""
+    if "txt" in raw:
+        return caption_text(raw, "txt", meta)
+    return next((text for f in CAPTION_FIELDS if (text := caption_text(raw, f, meta))), None)
 
 
 def to_sample(raw: dict[str, Any]) -> tuple[dict[str, bytes], tuple[int, int]] | str:
-    """The clean webdataset sample of one raw sample and its original (h, w), or why it is skipped."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    """The clean webdataset sample of one raw sample and its decoded (h, w), or why it is skipped."""
+    ext = image_member(raw)
     if ext is None:
         return "no image"
     try:
-        image = Image.open(io.BytesIO(raw[ext]))
-        image.load()  # a truncated or corrupt file fails here, not later in training
-        meta = json.loads(raw["json"]) if "json" in raw else {}
+        image = open_image(raw[ext])  # a truncated or corrupt file fails here, not later in training
+        meta = sample_meta(raw)
     except Exception as err:  # noqa: BLE001 - any undecodable input is skipped and counted
         return f"undecodable ({type(err).__name__})"
+    caption = _caption(raw, meta)
+    if caption is None and "txt" in raw:
+        return "non-UTF-8 or blank caption"
     source = f"{raw.get('__url__', '')}:{raw['__key__']}"
     key = stable_key(Path(str(raw.get("__url__", ""))).name, raw["__key__"])
-    h = int(meta.get("original_height") or image.height)
-    w = int(meta.get("original_width") or image.width)
-    caption = _caption(raw, meta)
+    h, w = original_size(meta, (image.height, image.width))
     meta = meta | {"key": key, "source": source, "original_size": [h, w], "aspect_ratio": h / w}
     sample = {"__key__": key, "jpg" if ext == "jpeg" else ext: raw[ext], "json": json.dumps(meta).encode()}
     if caption is not None:
         sample["txt"] = caption.encode("utf-8")
     if "cls" in raw:
         sample["cls"] = raw["cls"]
-    return sample, (h, w)
+    return sample, (image.height, image.width)
 
 
 def ingest(
@@ -122,28 +111,30 @@ def ingest(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     urls = [url for spec in sources for url in resolve_sources(spec)]
-    if not urls:
-        raise DataError("no source given")
+    names = [Path(url).name for url in urls]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # keys hash the source's name: two sources of one name would collide
+        raise DataError(f"two sources share the name {repeated[0]!r}: ingest them into separate folders")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     # Counts keyed by the paper's 1024-px bucket sizes; a table at any resolution matches them by ratio.
+    # They come from the stored image's size, which decides its bucket in training (not the original size).
     table = bucket_table(1024, 64)
     buckets: dict[str, int] = {}
-    skipped: dict[str, int] = {}
-    skipped_keys: list[str] = []
+    skipped = Skipped()
     seen: set[str] = set()
     count = 0
     try:
         with wds.ShardWriter(str(partial / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
                              encoder=False) as sink:
-            for raw in tqdm(_raw_samples(urls, skipped, skipped_keys), desc="ingest", unit="img", disable=not progress):
+            for raw in tqdm(_raw_samples(urls, skipped), desc="ingest", unit="img", disable=not progress):
                 result = to_sample(raw)
                 if isinstance(result, str):
-                    _skip(skipped, skipped_keys, result, f"{raw.get('__url__', '')}:{raw.get('__key__', '?')}")
+                    skipped.add(result, f"{raw.get('__url__', '')}:{raw.get('__key__', '?')}")
                     continue
                 sample, (h, w) = result
                 if sample["__key__"] in seen:
-                    _skip(skipped, skipped_keys, "duplicate key", sample["__key__"])
+                    skipped.add("duplicate key", sample["__key__"])
                     continue
                 seen.add(sample["__key__"])
                 sink.write(sample)
@@ -152,12 +143,12 @@ def ingest(
                 buckets[name] = buckets.get(name, 0) + 1
                 count += 1
         if count == 0:
-            raise DataError(f"no readable sample in {', '.join(sources)} (skipped: {skipped})")
+            raise DataError(f"no readable sample in {', '.join(sources)} (skipped: {skipped.counts})")
         manifest = {
             "kind": "ingested", "sources": list(sources), "count": count,
             "shards": sorted(p.name for p in partial.glob("shard-*.tar")), "samples_per_shard": samples_per_shard,
             "bucket_counts": dict(sorted(buckets.items())),
-            "skipped": skipped, "skipped_keys": skipped_keys,
+            "skipped": skipped.counts, "skipped_keys": skipped.keys,
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.is_dir():

@@ -17,7 +17,6 @@ trains the same bucket (same shapes, same cost) and no rank waits for another.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 from collections import deque
@@ -29,19 +28,18 @@ from typing import Any
 import braceexpand
 import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ..config import DataSection
 from .buckets import bucket_table, nearest_bucket
 from .features import FEATURES_KEY, decode_features
+from .samples import IMAGE_EXTENSIONS, caption_text, fit_to_bucket, image_member, open_image, original_size, sample_meta
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MANIFEST_NAMES = ("world.json", "manifest.json")
+STARVED_LIMIT = 100  # overflow drops in a row, in queue capacities, before the schedule is declared impossible
 
 
 class DataError(ValueError):
@@ -70,16 +68,21 @@ def resolve_sources(spec: str) -> list[str]:
         if any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in path.rglob("*")):
             return [str(path)]
         raise DataError(f"{spec}: the folder holds no .tar shards and no images")
-    if any(c in spec for c in "*?["):
-        urls = sorted(glob.glob(spec))
+    urls = list(braceexpand.braceexpand(spec))
+    if any(c in spec for c in "*?[") and not _remote(spec):
+        urls = [f for url in urls for f in sorted(glob.glob(url)) if Path(f).is_file()]
         if not urls:
             raise DataError(f"{spec}: the pattern matches no file")
         return urls
-    urls = list(braceexpand.braceexpand(spec))
-    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    missing = [u for u in urls if not _remote(u) and not Path(u).is_file()]
     if missing:
         raise DataError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
     return urls
+
+
+def _remote(url: str) -> bool:
+    """A url webdataset opens itself (http(s), s3, ``pipe:`` commands): not checked, not globbed."""
+    return "://" in url or url.startswith("pipe:")
 
 
 def tar_shards(spec: str) -> list[Path]:
@@ -134,9 +137,15 @@ class Skipped:
     """Why samples were dropped; sent along with each batch so the trainer can log and bound them."""
 
     counts: dict[str, int] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    """The first ``KEPT_KEYS`` skipped samples as "key: reason", for reports."""
+
+    KEPT_KEYS = 100
 
     def add(self, reason: str, key: str = "?", warn: bool = True) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.keys) < self.KEPT_KEYS:
+            self.keys.append(f"{key}: {reason}")
         if warn:
             log.warning("skipped sample %s: %s", key, reason)
 
@@ -158,7 +167,6 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec, self.granularity, self.rank, self.world_size = spec, granularity, rank, world_size
         self.captions = captions
-        self.latent_factor = latent_factor
         self.skip_batches = skip_batches
         self.sources = resolve_sources(spec.shards)
         self.buckets = self._buckets()
@@ -247,7 +255,7 @@ class ShardStream(IterableDataset):
         """Image, caption and metadata of one raw sample; None (counted) when it cannot be used."""
         key = raw.get("__key__", "?")
         try:
-            meta = json.loads(raw["json"]) if "json" in raw else {}
+            meta = sample_meta(raw)
             features = decode_features(raw[FEATURES_KEY]) if FEATURES_KEY in raw else {}
         except Exception as err:  # noqa: BLE001 - any undecodable input is skipped, never fatal
             self.skipped.add(f"undecodable metadata or features ({type(err).__name__})", key)
@@ -260,41 +268,37 @@ class ShardStream(IterableDataset):
                 return None
             sample.update(bucket=self.latent_buckets[latent_hw], latent_mean=features["latent_mean"],
                           latent_std=features["latent_std"])
-            h, w = meta.get("original_size") or self.buckets[sample["bucket"]]
+            size = original_size(meta, self.buckets[sample["bucket"]])
         else:
-            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            ext = image_member(raw)
             if ext is None:
                 self.skipped.add("no image", key)
                 return None
             try:
-                image = Image.open(io.BytesIO(raw[ext])).convert("RGB")
+                image = open_image(raw[ext])
             except Exception as err:  # noqa: BLE001 - any undecodable input is skipped, never fatal
                 self.skipped.add(f"undecodable ({type(err).__name__})", key)
                 return None
             sample["image"] = image
-            h, w = meta.get("original_size") or (image.height, image.width)
-        caption = self._caption(raw, meta)
+            size = original_size(meta, (image.height, image.width))
+        caption = caption_text(raw, self.spec.caption_key, meta)
         if caption is None and self.captions:
             self.skipped.add("empty or non-UTF-8 caption", key)
             return None
         aesthetic = meta.get("aesthetic")
-        if self.spec.min_aesthetic is not None and (aesthetic is None or aesthetic < self.spec.min_aesthetic):
+        if self.spec.min_aesthetic is not None and not (
+                isinstance(aesthetic, int | float) and aesthetic >= self.spec.min_aesthetic):
             self.skipped.add("below min_aesthetic", key, warn=False)  # a filter, not bad data
             return None
-        label = int(raw["cls"]) if "cls" in raw else int(meta.get("label", -1))
-        sample.update(key=key, caption=caption, label=label, original_size=(h, w))
+        try:
+            label = int(raw["cls"]) if "cls" in raw else int(meta.get("label", -1))
+        except (TypeError, ValueError):
+            self.skipped.add("unreadable class label", key)
+            return None
+        sample.update(key=key, caption=caption, label=label, original_size=size)
         if "t5" in features:
             sample["caption_features"] = features["t5"]
         return sample
-
-    def _caption(self, raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
-        key = self.spec.caption_key
-        try:
-            text = raw[key].decode("utf-8") if key in raw else meta.get(key, "")
-        except UnicodeDecodeError:
-            return None
-        text = (text or "").strip()
-        return text or None
 
     def _schedule(self, batch_index: int) -> float | None:
         if self.schedule_weights is None:
@@ -312,6 +316,7 @@ class ShardStream(IterableDataset):
         # Samples of buckets not scheduled now wait; past this many the oldest is dropped (counted, not warned:
         # the schedule follows the dataset's bucket frequencies, so this only trims random fluctuations).
         cap = 16 * self.spec.batch_size
+        starved = 0  # samples dropped since the last batch
         batch_index = worker + to_skip * workers
         target = self._schedule(batch_index)
         for sample in self._decoded(slot, slots):
@@ -323,28 +328,23 @@ class ShardStream(IterableDataset):
             if target is not None and ratio != target and len(queue) > cap:
                 queue.popleft()
                 self.skipped.add("bucket overflow", sample["key"], warn=False)
+                starved += 1
+                if starved > STARVED_LIMIT * cap:
+                    raise DataError(
+                        f"{self.spec.shards}: the bucket schedule asks for aspect ratio {target} but {starved} samples "
+                        "in a row fell in other buckets; the manifest's bucket_counts do not match the images "
+                        "(re-run `data ingest`/`data extract` to rewrite it, or remove bucket_counts)")
             ready = target if target is not None else ratio
             if len(pending[ready]) < self.spec.batch_size:
                 continue
             batch = [pending[ready].popleft() for _ in range(self.spec.batch_size)]
+            starved = 0
             if to_skip > 0:
                 to_skip -= 1
             else:
                 yield collate(batch, ready, self.skipped.take())
             batch_index += workers
             target = self._schedule(batch_index)
-
-
-def fit_to_bucket(image: Image.Image, buckets: dict[float, tuple[int, int]]) -> tuple[float, Tensor]:
-    """The image's nearest bucket, and the image resized to cover it and centre-cropped: uint8 (3, h, w)."""
-    ratio, (h, w) = nearest_bucket(image.height, image.width, buckets)
-    scale = max(h / image.height, w / image.width)
-    if (image.height, image.width) != (h, w):
-        size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-        image = image.resize(size, Image.BICUBIC)
-        top, left = (image.height - h) // 2, (image.width - w) // 2
-        image = image.crop((left, top, left + w, top + h))
-    return ratio, torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def collate(samples: Sequence[dict[str, Any]], ratio: float, skipped: dict[str, int]) -> dict[str, Any]:

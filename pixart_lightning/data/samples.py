@@ -1,0 +1,94 @@
+"""Reading the parts of one webdataset sample, the same way everywhere, with bad parts raising ``ValueError``.
+
+A raw sample is webdataset's dict of tar members (``__key__``, ``jpg``, ``txt``, ``json``, ...). Every
+tool that reads samples (ingest, re-captioning, extraction, the training loader) goes through these
+helpers, so a corrupt or odd sample is judged the same way by all of them, and each can skip and count
+what raises here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from .buckets import nearest_bucket
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_member(raw: dict[str, Any]) -> str | None:
+    """The extension of the sample's image member, if it has one."""
+    return next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode fully into upright RGB: EXIF orientation applied (phone photos), transparency over white.
+
+    Raises (PIL's own errors) on a corrupt or truncated file.
+    """
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def sample_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sample's json metadata ({} without one); ``ValueError`` when it is not a JSON object."""
+    if "json" not in raw:
+        return {}
+    meta = json.loads(raw["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"json metadata is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def caption_text(raw: dict[str, Any], key: str, meta: dict[str, Any]) -> str | None:
+    """The caption under ``key``: a tar member (``txt``, ``dense.txt``) or else a json string field.
+
+    None when it is absent, blank, not UTF-8 or not a string.
+    """
+    if key in raw:
+        try:
+            text = raw[key].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    else:
+        text = meta.get(key)
+    if not isinstance(text, str):
+        return None
+    return text.strip() or None
+
+
+def original_size(meta: dict[str, Any], fallback: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) before any resize: json ``original_size``, or img2dataset's ``original_height``/``_width``."""
+    size = meta.get("original_size") or (meta.get("original_height"), meta.get("original_width"))
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        return fallback
+    return (h, w) if h > 0 and w > 0 else fallback
+
+
+def fit_to_bucket(image: Image.Image, buckets: dict[float, tuple[int, int]]) -> tuple[float, Tensor]:
+    """The image's nearest bucket, and the image scaled to cover it and centre-cropped: uint8 (3, h, w).
+
+    Only the source region that lands in the bucket is resampled, so a 20000 x 2 banner costs no more
+    than the bucket itself.
+    """
+    ratio, (h, w) = nearest_bucket(image.height, image.width, buckets)
+    if (image.height, image.width) != (h, w):
+        scale = max(h / image.height, w / image.width)
+        box_w, box_h = w / scale, h / scale
+        left, top = (image.width - box_w) / 2, (image.height - box_h) / 2
+        image = image.resize((w, h), Image.BICUBIC, box=(left, top, left + box_w, top + box_h))
+    return ratio, torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
