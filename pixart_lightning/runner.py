@@ -119,7 +119,9 @@ def run(
 
 
 def print_summary(units: list[Unit]) -> None:
-    """One line per unit: wall time, alignment (embedded world) and where to look."""
+    """One line per unit: wall time, alignment (embedded world) and where to look (rank 0 prints)."""
+    if rank_zero_only.rank != 0:
+        return
     print("\nsummary:")
     for unit in units:
         m = unit.manifest()
@@ -161,13 +163,22 @@ def text_encoder_path(cfg: StageConfig) -> str:
     if cfg.text_encoder.name != TINY_T5:
         return cfg.text_encoder.name
     folder = (cfg.run_dir / "models" / "t5").resolve()
-    if not (folder / "config.json").is_file():
-        tmp = folder.with_name(f"t5.{os.getpid()}.tmp")  # per process: ranks may build it at the same time
+    if (folder / "config.json").is_file():
+        return str(folder)
+    # Rank 0 builds it (transformers saves weights from the main process only once torch.distributed is up);
+    # the others wait for the folder, which appears whole (built beside it, then renamed).
+    if rank_zero_only.rank == 0:
+        tmp = folder.with_name(f"t5.{os.getpid()}.tmp")
         build_tiny_t5(tmp, d_model=64, d_ff=128)
         try:
             os.replace(tmp, folder)
-        except OSError:  # another rank published it first (same seed, same files)
+        except OSError:  # published meanwhile by a run of the same name (same seed, same files)
             shutil.rmtree(tmp, ignore_errors=True)
+    deadline = time.time() + 600
+    while not (folder / "config.json").is_file():
+        if time.time() > deadline:
+            raise RunnerError(f"waited 10 minutes for rank 0 to build the tiny text encoder in {folder}")
+        time.sleep(0.2)
     return str(folder)
 
 

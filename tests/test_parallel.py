@@ -95,3 +95,23 @@ def test_gradient_clipping_by_global_norm() -> None:
     norm = clip_grad_norm(params, 0.5)
     assert norm == pytest.approx(expected.item(), rel=1e-6)
     assert torch.sqrt(sum((p.grad**2).sum() for p in params)) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_runner_trains_two_stages_under_fsdp(tmp_path: Path) -> None:
+    """`pixart-lightning run` with 2 FSDP processes and activation checkpointing: stage 1 hands its consolidated
+    weights to stage 2; sharded checkpoint folders; samples and manifests from rank 0."""
+    from tests.test_stages import small
+
+    overrides = [o for o in small(tmp_path) if not o.startswith(("stage1.train.max_steps", "stage1.data.batch_size"))]
+    command = [sys.executable, "-m", "pixart_lightning.cli", "run", str(ROOT / "configs" / "demo"), "--stages", "1,2",
+               *overrides, "stage1.train.max_steps=6", "train.strategy=fsdp", "train.devices=2",
+               "train.accelerator=cpu", "model.gradient_checkpointing=true"]
+    proc = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (json.loads((tmp_path / f"stage{s}" / "manifest.json").read_text()) for s in (1, 2))
+    assert one["status"] == two["status"] == "done"
+    assert two["parent"]["sha256"] == one["weights"]["final"]["sha256"]
+    assert (tmp_path / "stage2" / "checkpoints" / "last.ckpt").is_dir()
+    assert (tmp_path / "stage2" / "samples" / "final.png").is_file()
+    assert proc.stdout.count("summary:") == 1
