@@ -20,7 +20,14 @@ def _load(args: argparse.Namespace):
     from .interop import load_model
 
     options = {k: v for k, v in (("size", args.size), ("num_heads", args.num_heads), ("container", args.container)) if v}
-    return load_model(args.source, **options)
+    source = Path(args.source)
+    if (source / "final.safetensors").is_file():  # a stage folder: its final weights, or their EMA on request
+        source = source / ("final-ema.safetensors" if args.ema else "final.safetensors")
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} does not exist (was the stage trained with optim.ema_rate=0?)")
+    elif args.ema:
+        raise ValueError("--ema picks a stage folder's final-ema.safetensors; give a stage folder, e.g. runs/demo/stage3")
+    return load_model(source, **options)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -215,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_source(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("source", help="our .safetensors, an official PixArt/DiT .pth/.pt, or a diffusers folder")
+        p.add_argument("source", help="our .safetensors, an official PixArt/DiT .pth/.pt, a diffusers folder, "
+                       "or a stage folder (runs/demo/stage3: its final weights)")
+        p.add_argument("--ema", action="store_true", help="with a stage folder: its EMA weights instead of the raw ones")
         p.add_argument("--size", help="named size for what shapes cannot tell (heads), e.g. PixArt-XL/2")
         p.add_argument("--num-heads", type=int, help="number of attention heads (overrides --size)")
         p.add_argument("--container", help="sub-dict of the checkpoint to read, e.g. state_dict_ema")

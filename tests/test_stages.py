@@ -204,3 +204,15 @@ def test_stage1_initialises_from_a_dit_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(IncompatibleCheckpointError, match="class-conditional"):
         STAGE_MODULES[1].initial_model(load_stage(DEMO, 1, small(tmp_path, f"model.init_from={tmp_path}/text.safetensors")),
                                        None, None)
+
+
+def test_convert_exports_the_ema_weights_on_request(three_stages: Path, tmp_path: Path) -> None:
+    from pixart_lightning.cli import main
+
+    stage = three_stages / "stage2"
+    assert main(["convert", str(stage), str(tmp_path / "raw.safetensors")]) == 0
+    assert main(["convert", str(stage), str(tmp_path / "ema.safetensors"), "--ema"]) == 0
+    raw, ema = load_weights(tmp_path / "raw.safetensors"), load_weights(tmp_path / "ema.safetensors")
+    expected = load_weights(stage / "final-ema.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), expected.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
