@@ -113,6 +113,9 @@ class DataSection:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
+    max_bad_fraction: float = 0.05
+    """Stop with a report when more than this share of the samples read is bad (undecodable, no caption, ...);
+    filters (``min_aesthetic``) do not count."""
 
 
 @dataclass(kw_only=True)
@@ -147,6 +150,9 @@ class TrainSection:
     replicated across nodes)."""
     sharded_checkpoint: bool = True
     """FSDP: each rank writes its shard (a folder); False gathers one file on rank 0."""
+    max_nonfinite_steps: int = 10
+    """A step with a non-finite gradient is skipped (no optimizer or EMA update); this many in a row stop the run
+    and save a debug checkpoint."""
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -250,6 +256,10 @@ def validate(cfg: StageConfig) -> StageConfig:
     _choices_check(problems, "train.precision", cfg.train.precision, PRECISIONS)
     _choices_check(problems, "train.strategy", cfg.train.strategy, STRATEGIES)
     _choices_check(problems, "train.sharding", cfg.train.sharding, SHARDINGS)
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        problems.append(f"data.max_bad_fraction={cfg.data.max_bad_fraction}: must be in [0, 1]")
+    if cfg.train.max_nonfinite_steps < 1:
+        problems.append(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}: must be at least 1")
     if cfg.train.devices < 1 or cfg.train.num_nodes < 1:
         problems.append("train.devices and train.num_nodes must be at least 1")
     if cfg.train.strategy == "fsdp" and cfg.train.precision not in FSDP_PRECISIONS:

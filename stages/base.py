@@ -7,8 +7,10 @@ A stage subclass says only what differs: how its model is made from the previous
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from pixart_lightning import parallel
 from pixart_lightning.config import StageConfig
+from pixart_lightning.data.shards import FILTER_REASONS
 from pixart_lightning.diffusion import create_diffusion
 from pixart_lightning.ema import EMA
 from pixart_lightning.generate import generate
@@ -24,9 +27,15 @@ from pixart_lightning.models import PixArt
 from pixart_lightning.text_encoder import T5TextEncoder
 from pixart_lightning.vae import VAE, PixelSpace
 
+log = logging.getLogger(__name__)
+
 
 class ResumeError(ValueError):
     """A checkpoint that this run cannot continue from as it is configured."""
+
+
+class TrainingStopped(ValueError):
+    """Training cannot go on (too much bad data, non-finite steps in a row); the message is the report."""
 
 
 class DiffusionStage(L.LightningModule):
@@ -48,6 +57,9 @@ class DiffusionStage(L.LightningModule):
         # Frozen encoders are not submodules: they must not land in checkpoints or the optimizer.
         self.frozen = {"vae": vae, "text_encoder": text_encoder}
         self.skipped: dict[str, int] = {}
+        self.samples_read = 0
+        self.nonfinite_steps = {"total": 0, "in_a_row": 0}
+        self._skip_update = False
         self._last_batch_end: float | None = None
 
     # ------------------------------------------------------------------ stage hooks
@@ -126,8 +138,7 @@ class DiffusionStage(L.LightningModule):
         return self.vae.latents_from_posterior(mean, std, noise)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        for reason, n in batch.get("skipped", {}).items():
-            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        self._count_samples(batch)
         x0 = self.latents(batch)
         kwargs = self.conditioning(batch)
         B = x0.shape[0]
@@ -140,17 +151,58 @@ class DiffusionStage(L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
         return loss
 
+    def _count_samples(self, batch: dict[str, Any]) -> None:
+        """Add up skipped samples; stop with a report when bad ones exceed ``data.max_bad_fraction``."""
+        for reason, n in batch.get("skipped", {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        self.samples_read += len(batch["key"])
+        bad = sum(n for reason, n in self.skipped.items() if reason not in FILTER_REASONS)
+        seen = bad + self.samples_read
+        if seen >= 20 * len(batch["key"]) and bad > self.cfg.data.max_bad_fraction * seen:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
+            raise TrainingStopped(
+                f"{bad} of {seen} samples read were bad ({bad / seen:.1%} > data.max_bad_fraction="
+                f"{self.cfg.data.max_bad_fraction}): {reasons}. The log names each skipped sample's key; fix the "
+                "data or raise data.max_bad_fraction, then run the same command to resume")
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping)."""
+        """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping).
+
+        A non-finite norm (NaN or inf anywhere in any rank's gradients, so every rank sees it) drops the
+        gradients: AdamW leaves parameters without a gradient untouched, so the step changes nothing.
+        """
         norm = parallel.clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
         self.log("train/grad_norm", norm, on_step=True, batch_size=1)
+        if not torch.isfinite(norm):  # one scalar sync a step, the price of never applying a poisoned update
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_update = True
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA step (here, not in a batch-end hook: checkpoint callbacks save
-        before the module's batch-end hook runs, which would leave the saved EMA one update behind)."""
+        before the module's batch-end hook runs, which would leave the saved EMA one update behind).
+        After a non-finite gradient neither moves."""
         super().optimizer_step(*args, **kwargs)
+        if self._skip_update:
+            self._skip_update = False
+            self._nonfinite_step()
+            return
+        self.nonfinite_steps["in_a_row"] = 0
         if self.ema is not None:
             self.ema.update(self.model)
+
+    def _nonfinite_step(self) -> None:
+        counts = self.nonfinite_steps
+        counts["total"] += 1
+        counts["in_a_row"] += 1
+        self.log("train/nonfinite_steps", float(counts["total"]), on_step=True, batch_size=1)
+        log.warning("step %d: non-finite gradient, update skipped (%d in a row)", self.global_step, counts["in_a_row"])
+        if counts["in_a_row"] >= self.cfg.train.max_nonfinite_steps:
+            debug = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
+            self.trainer.save_checkpoint(debug)
+            raise TrainingStopped(
+                f"{counts['in_a_row']} steps in a row had a non-finite gradient (train.max_nonfinite_steps="
+                f"{self.cfg.train.max_nonfinite_steps}); the state is saved in {debug} for debugging. Lower "
+                "optim.lr, check the data, or resume from the last good checkpoint")
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         now = time.perf_counter()

@@ -39,6 +39,8 @@ from .samples import IMAGE_EXTENSIONS, caption_text, fit_to_bucket, image_member
 log = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("world.json", "manifest.json")
+FILTER_REASONS = frozenset({"below min_aesthetic", "bucket overflow"})
+"""Skip reasons that are selection, not bad data (they do not count towards ``data.max_bad_fraction``)."""
 STARVED_LIMIT = 100  # overflow drops in a row, in queue capacities, before the schedule is declared impossible
 
 
