@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import lightning as L
 import torch
+
+from .checkpoints import Checkpoints
 
 
 class Preempted(Exception):
@@ -24,8 +25,8 @@ class Preempted(Exception):
 
 
 class Preemption(L.Callback):
-    def __init__(self, checkpoint: Path, signum: signal.Signals = signal.SIGUSR1):
-        self.checkpoint = Path(checkpoint)
+    def __init__(self, checkpoints: Checkpoints, signum: signal.Signals = signal.SIGUSR1):
+        self.checkpoints = checkpoints
         self.signum = signum
         self.requested = False
         self.stopped: str | None = None
@@ -46,7 +47,7 @@ class Preemption(L.Callback):
             flag = trainer.strategy.reduce(flag, reduce_op="max")
         if not flag.item():
             return
-        trainer.save_checkpoint(self.checkpoint)
+        self.checkpoints.save(trainer)
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and job:
             subprocess.run(["scontrol", "requeue", job], check=True)

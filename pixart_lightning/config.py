@@ -156,7 +156,9 @@ class TrainSection:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
-    """Steps between resumable checkpoints (``last.ckpt``, overwritten atomically)."""
+    """Steps between resumable checkpoints (``checkpoints/step-N.ckpt``, written atomically, sha256 recorded)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints stay on disk (a damaged newest one falls back to the one before)."""
     threads: int | None = None
     """torch CPU threads (None leaves torch's default)."""
     progress_bar: bool = True
@@ -258,6 +260,8 @@ def validate(cfg: StageConfig) -> StageConfig:
     _choices_check(problems, "train.sharding", cfg.train.sharding, SHARDINGS)
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         problems.append(f"data.max_bad_fraction={cfg.data.max_bad_fraction}: must be in [0, 1]")
+    if cfg.train.keep_checkpoints < 1:
+        problems.append(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be at least 1")
     if cfg.train.max_nonfinite_steps < 1:
         problems.append(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}: must be at least 1")
     if cfg.train.devices < 1 or cfg.train.num_nodes < 1:

@@ -3,11 +3,11 @@
 Every stage (or phase of a stage) is a *unit* with its own folder ``runs/<name>/stage<N>[/<phase>]/``:
 
 - ``config.yaml``: the resolved config; ``tensorboard/``: the logs; ``samples/``: PNG grids;
-- ``checkpoints/last.ckpt``: the resumable Lightning checkpoint (written atomically);
+- ``checkpoints/step-N.ckpt`` + ``index.json``: the newest resumable checkpoints (atomic, sha256 recorded);
 - ``final.safetensors`` (+ ``final-ema.safetensors``): the weights handed to the next unit;
 - ``manifest.json``: status, the parent checkpoint and its sha256, hashes of the outputs, timings.
 
-A unit whose manifest says ``done`` is skipped; an interrupted one resumes from ``last.ckpt`` with
+A unit whose manifest says ``done`` is skipped; an interrupted one resumes from its newest good checkpoint with
 the same data order; a unit whose parent is missing says which stage to run first.
 """
 
@@ -26,11 +26,11 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from callbacks.checkpoints import Checkpoints, latest_good, read_index
 from callbacks.preemption import Preempted, Preemption
 from callbacks.samples import SampleGrid
 from stages import STAGE_MODULES
@@ -276,11 +276,12 @@ def run_unit(
         "wall_time_s": previous.get("wall_time_s", 0.0),
     }
     write_json(unit.dir / MANIFEST, manifest)
-    last = unit.dir / "checkpoints" / "last.ckpt"
-    if last.is_dir() and cfg.train.strategy != "fsdp":
-        raise RunnerError(f"{last} is a sharded FSDP checkpoint: resume with train.strategy=fsdp and the same number "
-                          f"of processes, or delete it to restart {unit.label}")
-    preemption = Preemption(last)
+    checkpoints = Checkpoints(unit.dir / "checkpoints", cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    resume = latest_good(checkpoints.folder)
+    if resume is not None and resume.is_dir() and cfg.train.strategy != "fsdp":
+        raise RunnerError(f"{resume} is a sharded FSDP checkpoint: resume with train.strategy=fsdp and the same number "
+                          f"of processes, or delete {checkpoints.folder} to restart {unit.label}")
+    preemption = Preemption(checkpoints)
     # Our own SIGUSR1 handling (callbacks/preemption.py) replaces Lightning's, which saves inside the signal handler.
     environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = L.Trainer(
@@ -289,8 +290,7 @@ def run_unit(
         max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
         logger=TensorBoardLogger(save_dir=str(unit.dir), name="", version="tensorboard"),
         callbacks=[
-            ModelCheckpoint(dirpath=unit.dir / "checkpoints", every_n_train_steps=cfg.train.checkpoint_every,
-                            save_top_k=0, save_last=True),
+            checkpoints,
             SampleGrid(cfg.samples, unit.dir / "samples", cfg.text_mode),
             preemption,
             *(callbacks or []),
@@ -299,15 +299,15 @@ def run_unit(
         num_sanity_val_steps=0, default_root_dir=unit.dir, use_distributed_sampler=False,
     )
     if trainer.is_global_zero:
-        print(f"{unit.label}: {'resuming from ' + str(last) if last.exists() else 'training'} -> {unit.dir}", flush=True)
+        print(f"{unit.label}: {f'resuming from {resume}' if resume else 'training'} -> {unit.dir}", flush=True)
     try:
         datamodule = ShardDataModule(cfg.data, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
         trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=str(last) if last.exists() else None)
+                    ckpt_path=str(resume) if resume else None)
     except BaseException:
-        if last.exists() and trainer.is_global_zero:
+        if read_index(checkpoints.folder) and trainer.is_global_zero:
             print(f"{unit.label}: stopped at step {trainer.global_step}; once the cause is fixed, the same command "
-                  f"resumes from {last}", flush=True)
+                  f"resumes from the newest good checkpoint in {checkpoints.folder}", flush=True)
         raise
     finally:
         manifest["wall_time_s"] += time.time() - started
@@ -315,7 +315,7 @@ def run_unit(
     manifest["skipped_samples"] = module.skipped
     if preemption.stopped:
         raise Preempted(f"{unit.label}: checkpointed at step {trainer.global_step} after SIGUSR1 ({preemption.stopped}); "
-                        f"the same command resumes from {last}")
+                        f"the same command resumes from it")
     if trainer.global_step < cfg.train.max_steps:
         raise RunnerError(f"{unit.label} stopped at step {trainer.global_step} of {cfg.train.max_steps}; "
                           "run the same command again to resume it")

@@ -112,6 +112,6 @@ def test_runner_trains_two_stages_under_fsdp(tmp_path: Path) -> None:
     one, two = (json.loads((tmp_path / f"stage{s}" / "manifest.json").read_text()) for s in (1, 2))
     assert one["status"] == two["status"] == "done"
     assert two["parent"]["sha256"] == one["weights"]["final"]["sha256"]
-    assert (tmp_path / "stage2" / "checkpoints" / "last.ckpt").is_dir()
+    assert (tmp_path / "stage2" / "checkpoints" / "step-0000003.ckpt").is_dir()  # checkpoint_every=3
     assert (tmp_path / "stage2" / "samples" / "final.png").is_file()
     assert proc.stdout.count("summary:") == 1
