@@ -37,7 +37,7 @@ from stages import STAGE_MODULES
 
 from .config import PIXEL_SPACE, STAGES, TINY_T5, ConfigError, StageConfig, load_stage, phase_configs, to_yaml
 from .data.module import ShardDataModule
-from .data.shards import data_buckets, read_manifest
+from .data.shards import DataError, data_buckets, read_manifest, resolve_sources
 from .data.synth import synthesize
 from .evaluation import alignment
 from .files import write_json_atomic
@@ -111,11 +111,36 @@ def run(
     if unknown:
         raise ConfigError(f"--stages {unknown}: this config has stages {present}")
     selected = [u for u in units if u.stage in stages]
+    check_paths([u for u in selected if not u.done])
     for unit in selected:
         parent = units[units.index(unit) - 1] if units.index(unit) > 0 else None
         run_unit(unit, parent, folder, callbacks)
     print_summary(selected)
     return selected
+
+
+def check_paths(units: list[Unit]) -> None:
+    """Every local path the selected units read must exist before any of them starts (hub ids are not checked)."""
+    problems = []
+    for unit in units:
+        cfg = unit.cfg
+        if cfg.data.synth is None:
+            try:
+                resolve_sources(cfg.data.shards)
+            except DataError as err:
+                problems.append(f"{unit.label}: data.shards: {err}")
+        if cfg.model.init_from and not Path(cfg.model.init_from).exists() and _looks_local(cfg.model.init_from):
+            problems.append(f"{unit.label}: model.init_from: {cfg.model.init_from} does not exist")
+        for key, name in (("vae.name", cfg.vae.name), ("text_encoder.name", cfg.text_encoder.name)):
+            if _looks_local(name) and not Path(name).exists():
+                problems.append(f"{unit.label}: {key}: the folder {name} does not exist")
+    if problems:
+        raise ConfigError("missing inputs (nothing was started):\n  " + "\n  ".join(problems))
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, relative with ./ or ../, or a file name with a suffix."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in (".pt", ".pth", ".safetensors", ".bin")
 
 
 def print_summary(units: list[Unit]) -> None:

@@ -77,6 +77,8 @@ def resolve_sources(spec: str) -> list[str]:
             raise DataError(f"{spec}: the pattern matches no file")
         return urls
     missing = [u for u in urls if not _remote(u) and not Path(u).is_file()]
+    if missing == [spec]:
+        raise DataError(f"{spec} does not exist (give a folder of .tar shards, a tar, a pattern or an image folder)")
     if missing:
         raise DataError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
     return urls
