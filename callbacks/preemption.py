@@ -19,6 +19,9 @@ import torch
 
 from .checkpoints import Checkpoints
 
+CHECK_EVERY = 10
+"""Steps between the ranks' agreement on the flag; well inside Slurm's 90 s warning at any realistic step time."""
+
 
 class Preempted(Exception):
     """Training stopped on a preemption signal after writing its checkpoint (not an error)."""
@@ -42,11 +45,15 @@ class Preemption(L.Callback):
         self.requested = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        flag = torch.tensor(float(self.requested), device=pl_module.device)
-        if trainer.world_size > 1:  # a signal may reach the ranks at different steps: stop together
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if not flag.item():
-            return
+        if trainer.world_size == 1:
+            if not self.requested:
+                return
+        else:  # a signal may reach the ranks at different steps: agree, every CHECK_EVERY steps (a host sync)
+            if trainer.global_step % CHECK_EVERY:
+                return
+            flag = torch.tensor(float(self.requested), device=pl_module.device)
+            if not trainer.strategy.reduce(flag, reduce_op="max").item():
+                return
         self.checkpoints.save(trainer)
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and job:

@@ -150,6 +150,8 @@ class TrainSection:
     replicated across nodes)."""
     sharded_checkpoint: bool = True
     """FSDP: each rank writes its shard (a folder); False gathers one file on rank 0."""
+    peak_tflops: float | None = None
+    """The accelerator's dense bf16 peak for MFU (default: looked up from the GPU's name; none on CPU)."""
     max_nonfinite_steps: int = 10
     """A step with a non-finite gradient is skipped (no optimizer or EMA update); this many in a row stop the run
     and save a debug checkpoint."""

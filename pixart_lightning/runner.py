@@ -33,6 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from callbacks.checkpoints import Checkpoints, latest_good, read_index
 from callbacks.preemption import Preempted, Preemption
 from callbacks.samples import SampleGrid
+from callbacks.throughput import Throughput
 from stages import STAGE_MODULES
 
 from .config import PIXEL_SPACE, STAGES, TINY_T5, ConfigError, StageConfig, load_stage, phase_configs, to_yaml
@@ -318,6 +319,7 @@ def run_unit(
             checkpoints,
             SampleGrid(cfg.samples, unit.dir / "samples", cfg.text_mode),
             preemption,
+            Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
             *(callbacks or []),
         ],
         plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False,

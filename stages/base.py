@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,6 @@ class DiffusionStage(L.LightningModule):
         self.samples_read = 0
         self.nonfinite_steps = {"total": 0, "in_a_row": 0}
         self._skip_update = False
-        self._last_batch_end: float | None = None
 
     # ------------------------------------------------------------------ stage hooks
     @classmethod
@@ -205,11 +203,6 @@ class DiffusionStage(L.LightningModule):
                 "optim.lr, check the data, or resume from the last good checkpoint")
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            rate = len(batch["key"]) * self.trainer.world_size / (now - self._last_batch_end)
-            self.log("train/images_per_s", rate, on_step=True, batch_size=1)
-        self._last_batch_end = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
 
     def configure_optimizers(self):

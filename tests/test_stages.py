@@ -87,7 +87,7 @@ def test_tensorboard_has_losses_rates_and_samples(three_stages: Path) -> None:
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/mse", "train/vb", "train/lr", "train/grad_norm", "train/images_per_s",
-            "eval/both_accuracy"} <= scalars
+            "train/data_wait_fraction", "eval/both_accuracy"} <= scalars
     assert events.Tags()["images"] == ["samples"]
     assert len(events.Scalars("train/loss")) == 4
 
