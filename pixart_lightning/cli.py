@@ -217,6 +217,35 @@ def cmd_eval_alignment(args: argparse.Namespace) -> None:
     print(f"alignment: {result['alignment']:.3f} over {result['num_prompts']} held-out prompts")
 
 
+def cmd_eval_fid(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from omegaconf import OmegaConf
+
+    from .config import FIDSection
+    from .fid import evaluate_fid
+    from .files import write_json_atomic
+
+    model, vae, encoder, prediction, resolution = _run_artifacts(args)
+    run_config = Path(args.ckpt) / "config.yaml"  # a stage folder: its own FID settings are the defaults
+    base = OmegaConf.load(run_config).get("fid", {}) if run_config.is_file() else {}
+    settings = FIDSection(**{k: v for k, v in OmegaConf.to_container(OmegaConf.create(base)).items()})
+    chosen = {"reference": args.reference, "num_images": args.num_images, "extractor": args.extractor,
+              "inception_weights": args.inception_weights, "captions": args.captions,
+              "reference_count": args.reference_count, "steps": args.steps, "cfg_scale": args.cfg, "seed": args.seed,
+              "cache_dir": args.cache_dir}
+    settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+    if not settings.reference:
+        raise ValueError("FID needs real images to compare with: --reference FOLDER (shards or an image folder)")
+    record = evaluate_fid(model, vae, encoder, settings, height=args.height or resolution,
+                          width=args.width or resolution, prediction=prediction, progress=True)
+    print(json.dumps(record, indent=2, default=str))
+    if args.out:
+        write_json_atomic(args.out, record)
+    print(f"FID {record['fid']:.2f} over {record['num_images']} images ({settings.extractor} features)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixart-lightning", description="Train and convert PixArt-α models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -372,6 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_ckpt(evaluate.add_parser("alignment", help="shapes-world prompt following, by a pixel detector"))
     p.add_argument("--num", type=int, default=64, help="number of held-out prompts")
     p.set_defaults(func=cmd_eval_alignment)
+
+    p = with_ckpt(evaluate.add_parser("fid", help="FID of generated images against real ones (MS-COCO-30K protocol)"))
+    p.set_defaults(cfg=None, seed=None)  # the stage's own fid settings unless given
+    p.add_argument("--reference", help="real images: shard folder, pattern or image folder (default: the stage's fid "
+                   "settings)")
+    p.add_argument("--captions", help="captions file (COCO captions JSON, JSON list, .txt) or shards; default: the "
+                   "reference's own captions")
+    p.add_argument("--num-images", type=int, help="default 30000 (the FID-30K protocol) or the stage's setting")
+    p.add_argument("--reference-count", type=int, help="use the first N reference images (0: all)")
+    p.add_argument("--extractor", choices=("inception", "tiny"), help="inception (local weights file) or tiny (offline)")
+    p.add_argument("--inception-weights", help="path of inception-2015-12-05.pt (the error says where to get it)")
+    p.add_argument("--cache-dir", help="where reference statistics are cached")
+    p.add_argument("--out", help="also write the record (everything that pins the protocol) as JSON here")
+    p.set_defaults(func=cmd_eval_fid)
     return parser
 
 

@@ -26,6 +26,8 @@ STAGES = (1, 2, 3)
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 STRATEGIES = ("auto", "ddp", "fsdp")
 SHARDINGS = ("full", "grad_op", "hybrid")
+EXTRACTORS = ("inception", "tiny")
+INCEPTION_SIZE = 299
 FSDP_PRECISIONS = ("32", "bf16-mixed")  # 16-mixed needs a gradient scaler, which FSDP2 here does not use
 PIXEL_SPACE = "pixel"
 TINY_T5 = "tiny"
@@ -193,6 +195,62 @@ class EvalSection:
 
 
 @dataclass(kw_only=True)
+class FIDSection:
+    """What pins an FID measurement (``pixart_lightning/fid.py``, ``callbacks/fid.py``); FID is off without a
+    ``reference``."""
+
+    every_n_steps: int = 0
+    """0: at the end of the stage only."""
+    at_start: bool = False
+    """Also measure before the first step, so a stage's starting FID is recorded."""
+    num_images: int = 30000
+    captions: str = ""
+    """Caption file (JSON list of {"id", "caption"[, "label"]}, COCO captions JSON, or .txt one per line) or a
+    shard/image folder; empty: the captions of the ``reference`` samples."""
+    caption_key: str = "txt"
+    """Caption of a shard sample: a tar member (``txt``) or a json field."""
+    seed: int = 0
+    """Draws the pinned subset when there are more captions than ``num_images``; chunk ``c`` samples with ``seed + c``."""
+    reference: str = ""
+    """Real images: a folder of shards, a shard pattern or an image folder; empty: FID off."""
+    reference_count: int = 0
+    """Use the first N reference images (in source order); 0: all."""
+    extractor: str = "inception"
+    """``inception`` (clean-fid's Inception-v3, from ``inception_weights``) or ``tiny`` (offline, hand-made)."""
+    inception_weights: str = ""
+    """``inception-2015-12-05.pt`` or its folder; empty: ~/.cache/pixart-lightning/ or clean-fid's /tmp copy."""
+    resize: int = INCEPTION_SIZE
+    batch_size: int = 32
+    sampler: str = "dpm++"
+    steps: int = 20
+    cfg_scale: float = 4.5
+    cache_dir: str = ""
+    """Where reference statistics are cached; empty: ~/.cache/pixart-lightning/fid."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.reference)
+
+    def problems(self, prefix: str = "fid") -> list[str]:
+        """Every invalid field, named ``<prefix>.<field>`` (for the config's one-go validation)."""
+        found = []
+        if self.extractor not in EXTRACTORS:
+            found.append(f"{prefix}.extractor={self.extractor!r}: valid choices are {', '.join(EXTRACTORS)}")
+        if self.sampler not in SAMPLERS:
+            found.append(f"{prefix}.sampler={self.sampler!r}: valid choices are {', '.join(SAMPLERS)}")
+        for name, least in (("num_images", 2), ("batch_size", 1), ("steps", 1), ("resize", 1)):
+            if getattr(self, name) < least:
+                found.append(f"{prefix}.{name}={getattr(self, name)}: must be at least {least}")
+        if self.every_n_steps < 0:
+            found.append(f"{prefix}.every_n_steps={self.every_n_steps}: must be 0 (end of stage only) or positive")
+        if self.reference_count == 1 or self.reference_count < 0:
+            found.append(f"{prefix}.reference_count={self.reference_count}: must be 0 (all images) or at least 2")
+        if self.extractor == "inception" and self.resize != INCEPTION_SIZE:
+            found.append(f"{prefix}.resize={self.resize}: the Inception extractor takes {INCEPTION_SIZE} x {INCEPTION_SIZE}")
+        return found
+
+
+@dataclass(kw_only=True)
 class StageConfig:
     name: str = "run"
     stage: int = 1
@@ -210,6 +268,7 @@ class StageConfig:
     train: TrainSection = field(default_factory=TrainSection)
     samples: SamplesSection = field(default_factory=SamplesSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    fid: FIDSection = field(default_factory=FIDSection)
     overrides: list[str] = field(default_factory=list)
     """The command-line ``key=value`` overrides this config was loaded with (recorded, not set in YAML)."""
 
@@ -260,6 +319,7 @@ def validate(cfg: StageConfig) -> StageConfig:
     _choices_check(problems, "train.precision", cfg.train.precision, PRECISIONS)
     _choices_check(problems, "train.strategy", cfg.train.strategy, STRATEGIES)
     _choices_check(problems, "train.sharding", cfg.train.sharding, SHARDINGS)
+    problems += cfg.fid.problems()
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         problems.append(f"data.max_bad_fraction={cfg.data.max_bad_fraction}: must be in [0, 1]")
     if cfg.train.keep_checkpoints < 1:
@@ -326,7 +386,8 @@ def _section_fields(path: str) -> list[str]:
 
 
 _SECTIONS = {c.__name__: c for c in (ModelSection, DiffusionSection, TextEncoderSection, VAESection, SynthSection,
-                                     DataSection, OptimSection, TrainSection, SamplesSection, EvalSection)}
+                                     DataSection, OptimSection, TrainSection, SamplesSection, EvalSection,
+                                     FIDSection)}
 
 
 def _merge(*layers: Any) -> StageConfig:

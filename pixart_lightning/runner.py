@@ -31,6 +31,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from callbacks.checkpoints import Checkpoints, latest_good, read_index
+from callbacks.fid import RECORDS as FID_RECORDS
+from callbacks.fid import FIDCallback
 from callbacks.preemption import Preempted, Preemption
 from callbacks.samples import SampleGrid
 from callbacks.throughput import Throughput
@@ -152,8 +154,10 @@ def print_summary(units: list[Unit]) -> None:
     for unit in units:
         m = unit.manifest()
         score = m.get("alignment", {}).get("alignment")
+        fids = " -> ".join(f"{r['fid']:.1f}" for r in m.get("fid", []))
         print(f"  {unit.label:16s} {m.get('wall_time_s', 0):7.0f} s   "
               + (f"alignment {score:.2f}   " if score is not None else "")
+              + (f"FID {fids}   " if fids else "")
               + f"samples: {unit.dir / 'samples' / 'final.png'}")
     if units:
         print(f"  TensorBoard: tensorboard --logdir {units[0].cfg.run_dir}   (or: make tensorboard)")
@@ -320,6 +324,7 @@ def run_unit(
             SampleGrid(cfg.samples, unit.dir / "samples", cfg.text_mode),
             preemption,
             Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
+            *([FIDCallback(cfg.fid, unit.dir, progress=cfg.train.progress_bar)] if cfg.fid.enabled else []),
             *(callbacks or []),
         ],
         plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False,
@@ -340,6 +345,8 @@ def run_unit(
         manifest["wall_time_s"] += time.time() - started
         write_json(unit.dir / MANIFEST, manifest)
     manifest["skipped_samples"] = module.skipped
+    if (unit.dir / FID_RECORDS).is_file():
+        manifest["fid"] = [{"step": r["step"], "fid": r["fid"]} for r in json.loads((unit.dir / FID_RECORDS).read_text())]
     if preemption.stopped:
         raise Preempted(f"{unit.label}: checkpointed at step {trainer.global_step} after SIGUSR1 ({preemption.stopped}); "
                         f"the same command resumes from it")

@@ -27,7 +27,8 @@ def small(out: Path, *extra: str) -> list[str]:
         "train.checkpoint_every=3", "train.progress_bar=false", "train.log_every=1", "samples.steps=2",
         "samples.cfg_scales=[1.0]", "eval.alignment_prompts=4",
         "stage1.train.max_steps=150", "stage1.optim.lr=3e-3", "stage1.data.batch_size=32", "stage2.train.max_steps=4", "stage3.train.max_steps=4",
-        "stage3.data.resolution=24", "stage3.data.batch_size=4", *extra,
+        "stage3.data.resolution=24", "stage3.data.batch_size=4", "fid.num_images=8", "fid.batch_size=8",
+        "fid.reference_count=16", "fid.steps=2", *extra,
     ]
 
 
@@ -79,6 +80,15 @@ def test_all_stages_finish_and_chain(three_stages: Path) -> None:
         assert (folder / "config.yaml").is_file() and (folder / "alignment.json").is_file()
 
 
+def test_fid_is_measured_at_stage_2_start_and_each_stage_end(three_stages: Path) -> None:
+    """The demo's FID (offline extractor) is logged to TensorBoard, the manifest and fid.json with its protocol."""
+    two, three = (json.loads((three_stages / f"stage{s}" / "manifest.json").read_text()) for s in (2, 3))
+    assert [r["step"] for r in two["fid"]] == [0, 4] and [r["step"] for r in three["fid"]] == [4]
+    record = json.loads((three_stages / "stage3" / "fid.json").read_text())[-1]
+    assert record["num_images"] == 8 and record["extractor"]["name"] == "tiny" and record["steps"] == 2
+    assert (three_stages / "stage2" / "fid-captions.json").is_file()
+
+
 def test_tensorboard_has_losses_rates_and_samples(three_stages: Path) -> None:
     """Loss and its parts, lr, gradient norm, images/s, alignment and the sample grid reach TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -87,7 +97,7 @@ def test_tensorboard_has_losses_rates_and_samples(three_stages: Path) -> None:
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/mse", "train/vb", "train/lr", "train/grad_norm", "train/images_per_s",
-            "train/data_wait_fraction", "eval/both_accuracy"} <= scalars
+            "train/data_wait_fraction", "eval/both_accuracy", "eval/fid"} <= scalars
     assert events.Tags()["images"] == ["samples"]
     assert len(events.Scalars("train/loss")) == 4
 
@@ -216,3 +226,16 @@ def test_convert_exports_the_ema_weights_on_request(three_stages: Path, tmp_path
     expected = load_weights(stage / "final-ema.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), expected.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
+
+
+def test_cli_eval_fid_uses_the_stage_settings(three_stages: Path, tmp_path: Path, capsys) -> None:
+    from pixart_lightning.cli import main
+
+    out = tmp_path / "fid.json"
+    assert main(["eval", "fid", "--ckpt", str(three_stages / "stage3"), "--num-images", "8", "--steps", "2",
+                 "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["num_images"] == 8 and record["extractor"]["name"] == "tiny" and record["fid"] > 0
+    assert "FID" in capsys.readouterr().out
+    assert main(["eval", "fid", "--ckpt", str(three_stages / "stage3" / "final.safetensors"), "--vae", "pixel",
+                 "--text-encoder", str(three_stages / "models" / "t5")]) == 2  # no reference: a one-line error
