@@ -5,11 +5,15 @@ PY := $(VENV)/bin/python
 # clean-fid needs a torchvision built for the installed torch; this pair lies on local disk here.
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-# `make stage2 CONFIG=configs/pixart-xl2 RUN_ARGS="optim.lr=1e-4"`
+# `make stage2 CONFIG=configs/pixart-xl2 RUN_ARGS="optim.lr=1e-4"`. On a Slurm login node, each stage as a batch
+# job that starts when the previous stage's job succeeded (a queued one is found by squeue):
+# `make stage1 stage2 stage3 LAUNCH=slurm SLURM_ARGS="--nodes 2 --gpus-per-node 8 --partition gpu --time 2-00:00:00"`
 CONFIG ?= configs/demo
 RUN_ARGS ?=
+LAUNCH ?= local
+SLURM_ARGS ?=
 
-.PHONY: venv test lint demo stage1 stage2 stage3 tensorboard bench clean
+.PHONY: venv test slurm-install lint demo stage1 stage2 stage3 tensorboard bench clean
 
 venv: $(VENV)/.installed
 
@@ -27,8 +31,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -c $(VENV)/torch-constraints.txt -e '.[dev]'
 	@touch $@
 
-test: venv
+test: venv slurm-install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Slurm for the one-node test cluster of tests/test_slurm.py: apt-get as root, else a reason and its tests skip.
+slurm-install:
+	@bash tests/slurm_cluster.sh install
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -37,8 +45,15 @@ lint: venv
 demo: venv
 	$(VENV)/bin/pixart-lightning run configs/demo $(RUN_ARGS)
 
+ifeq ($(LAUNCH),slurm)
+stage1 stage2 stage3: venv
+	$(VENV)/bin/pixart-lightning slurm $(CONFIG) --stages $(subst stage,,$@) $(SLURM_ARGS) $(RUN_ARGS)
+else ifeq ($(LAUNCH),local)
 stage1 stage2 stage3: venv
 	$(VENV)/bin/pixart-lightning run $(CONFIG) --stages $(subst stage,,$@) $(RUN_ARGS)
+else
+$(error LAUNCH=$(LAUNCH): use local (default) or slurm)
+endif
 
 tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006

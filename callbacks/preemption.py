@@ -27,13 +27,27 @@ class Preempted(Exception):
     """Training stopped on a preemption signal after writing its checkpoint (not an error)."""
 
 
+def requeue() -> str:
+    """Ask Slurm to requeue this job (rank 0, after the checkpoint); what was done, for the message."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "no Slurm job to requeue"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    return f"requeued job {job}"
+
+
 class Preemption(L.Callback):
+    """Sets a flag on the signal; at a step boundary the ranks agree, save together and stop (``Preempted``).
+
+    Stopping by exception skips the end-of-stage samples and FID, which would eat into Slurm's warning
+    time; the runner then requeues the job (rank 0) as its last act, since Slurm answers a requeue by
+    terminating the job's processes at once.
+    """
+
     def __init__(self, checkpoints: Checkpoints, signum: signal.Signals = signal.SIGUSR1):
         self.checkpoints = checkpoints
         self.signum = signum
         self.requested = False
-        self.stopped: str | None = None
-        """After a preemption stop: what was done (``requeued job N`` or ``no Slurm job to requeue``)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         signal.signal(self.signum, self._flag)
@@ -55,8 +69,4 @@ class Preemption(L.Callback):
             if not trainer.strategy.reduce(flag, reduce_op="max").item():
                 return
         self.checkpoints.save(trainer)
-        job = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and job:
-            subprocess.run(["scontrol", "requeue", job], check=True)
-        self.stopped = f"requeued job {job}" if job else "no Slurm job to requeue"
-        trainer.should_stop = True
+        raise Preempted(f"checkpointed at step {trainer.global_step} after SIGUSR1")

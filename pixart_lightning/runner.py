@@ -33,7 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from callbacks.checkpoints import Checkpoints, latest_good, read_index
 from callbacks.fid import RECORDS as FID_RECORDS
 from callbacks.fid import FIDCallback
-from callbacks.preemption import Preempted, Preemption
+from callbacks.preemption import Preempted, Preemption, requeue
 from callbacks.samples import SampleGrid
 from callbacks.throughput import Throughput
 from stages import STAGE_MODULES
@@ -329,6 +329,7 @@ def run_unit(
         ],
         plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=unit.dir, use_distributed_sampler=False,
+        enable_checkpointing=False,  # ours (callbacks/checkpoints.py), not Lightning's default ModelCheckpoint
     )
     if trainer.is_global_zero:
         print(f"{unit.label}: {f'resuming from {resume}' if resume else 'training'} -> {unit.dir}", flush=True)
@@ -336,6 +337,9 @@ def run_unit(
         datamodule = ShardDataModule(cfg.data, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(resume) if resume else None)
+    except Preempted as stop:
+        done = requeue() if trainer.is_global_zero else "rank 0 requeues"
+        raise Preempted(f"{unit.label}: {stop} ({done}); the same command resumes from it") from None
     except BaseException:
         if read_index(checkpoints.folder) and trainer.is_global_zero:
             print(f"{unit.label}: stopped at step {trainer.global_step}; once the cause is fixed, the same command "
@@ -347,9 +351,6 @@ def run_unit(
     manifest["skipped_samples"] = module.skipped
     if (unit.dir / FID_RECORDS).is_file():
         manifest["fid"] = [{"step": r["step"], "fid": r["fid"]} for r in json.loads((unit.dir / FID_RECORDS).read_text())]
-    if preemption.stopped:
-        raise Preempted(f"{unit.label}: checkpointed at step {trainer.global_step} after SIGUSR1 ({preemption.stopped}); "
-                        f"the same command resumes from it")
     if trainer.global_step < cfg.train.max_steps:
         raise RunnerError(f"{unit.label} stopped at step {trainer.global_step} of {cfg.train.max_steps}; "
                           "run the same command again to resume it")

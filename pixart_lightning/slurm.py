@@ -7,7 +7,7 @@ cancels the rest of the chain (``--kill-on-invalid-dep``) instead of leaving it 
 
 Time limits and preemption: Slurm sends SIGUSR1 90 s before the limit (``--signal``); callbacks/preemption.py
 checkpoints and requeues the job (``--requeue``), which keeps its job id, so the dependent jobs keep waiting,
-and the rerun resumes from ``last.ckpt``. ``--open-mode=append`` keeps every attempt in one log.
+and the rerun resumes from the newest checkpoint. ``--open-mode=append`` keeps every attempt in one log.
 
 The scripts are written to ``<run folder>/slurm/stage<N>.sbatch`` (resubmit one with ``sbatch``), the logs to
 ``<run folder>/slurm/stage<N>-<job id>.out``.
@@ -53,7 +53,7 @@ class SlurmOptions:
 
     @property
     def tasks(self) -> int:
-        return self.tasks_per_node or max(self.gpus_per_node, 1)
+        return self.tasks_per_node if self.tasks_per_node is not None else max(self.gpus_per_node, 1)
 
     def check(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 0 or self.tasks < 1 or (self.cpus_per_task or 1) < 1:
@@ -67,6 +67,8 @@ class SlurmOptions:
 
 @dataclass
 class Submission:
+    """One stage's batch job."""
+
     stage: int
     script: Path
     job_id: str | None
@@ -104,7 +106,7 @@ def sbatch_script(config: str | Path, stage: int, overrides: list[str], options:
     return "\n".join([
         "#!/bin/bash",
         f"# pixart-lightning stage {stage}, written by `pixart-lightning slurm`. A requeued job (after SIGUSR1)",
-        "# runs this again and resumes from checkpoints/last.ckpt; a finished stage says \"done already\".",
+        "# runs this again and resumes from its newest checkpoint; a finished stage says \"done already\".",
         *(f"#SBATCH {shlex.quote(d)}" for d in directives),
         "export PYTHONUNBUFFERED=1  # log lines appear as they are printed",
         shlex.join(command),
@@ -117,7 +119,9 @@ def submit(
 ) -> list[Submission]:
     """Write one batch script per stage and submit them as a chain; return what was submitted, in order.
 
-    The whole config is validated first (``runner.plan``), so a bad key fails before anything is written.
+    The whole config is validated first (``runner.plan``), so a bad key fails before anything is written. A job
+    of the previous stage that is still queued or running (a separate ``make stage1``, say) heads the chain;
+    a stage that already has one is refused, as two jobs would train in the same folder.
     """
     options.check()
     if clash := [o for o in overrides if re.sub(r"^stage\d+\.", "", o.split("=", 1)[0]) in LAUNCH_KEYS]:
@@ -132,30 +136,32 @@ def submit(
     sbatch = shutil.which("sbatch")
     if not dry_run and sbatch is None:
         raise RunnerError("sbatch not found: run this on a Slurm login node, or add --dry-run to write the scripts only")
+    queued = {} if dry_run else queued_stages(folder)
+    if twice := [f"stage {s} is job {queued[s]}" for s in stages if s in queued]:
+        raise RunnerError(f"queued or running already: {', '.join(twice)}; wait for it, or scancel it first")
+    after = queued.get(stages[0] - 1)
+    if not after and not all(u.done for u in units if u.stage == stages[0] - 1):
+        print(f"note: stage {stages[0] - 1} is not done yet; stage {stages[0]}'s job fails unless it finishes first")
     folder.mkdir(parents=True, exist_ok=True)
-    parent = [u for u in units if u.stage == stages[0] - 1]
-    if parent and not all(u.done for u in parent):
-        print(f"note: stage {stages[0] - 1} is not done and not in --stages; stage {stages[0]}'s job fails "
-              "unless it finishes first")
     submitted: list[Submission] = []
     for stage in stages:
         script = folder / f"stage{stage}.sbatch"
         script.write_text(sbatch_script(config, stage, overrides, options, run_dir))
-        previous = submitted[-1] if submitted else None
         if dry_run:  # a shell snippet that submits the chain
-            after = f" --dependency=afterok:$job{previous.stage} --kill-on-invalid-dep=yes" if previous else ""
-            print(f"job{stage}=$(sbatch --parsable{after} {shlex.quote(str(script))})")
+            chain = f" --dependency=afterok:$job{submitted[-1].stage} --kill-on-invalid-dep=yes" if submitted else ""
+            print(f"job{stage}=$(sbatch --parsable{chain} {shlex.quote(str(script))})")
             submitted.append(Submission(stage, script, None))
             continue
-        after = [f"--dependency=afterok:{previous.job_id}", "--kill-on-invalid-dep=yes"] if previous else []
-        result = subprocess.run([sbatch, "--parsable", *after, str(script)], capture_output=True, text=True)
+        chain = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+        result = subprocess.run([sbatch, "--parsable", *chain, str(script)], capture_output=True, text=True)
         if result.returncode:
             done = ", ".join(f"stage {s.stage}: job {s.job_id}" for s in submitted) or "nothing"
             raise RunnerError(f"sbatch failed for stage {stage}: {(result.stderr or result.stdout).strip()}\n"
                               f"submitted before it: {done}")
         submitted.append(Submission(stage, script, result.stdout.strip().split(";")[0]))
-        print(f"stage {stage}: job {submitted[-1].job_id}"
-              + (f", starts after job {previous.job_id} succeeds" if previous else "") + f"   {script}")
+        print(f"stage {stage}: job {submitted[-1].job_id}" + (f", starts after job {after} succeeds" if after else "")
+              + f"   {script}")
+        after = submitted[-1].job_id
     if dry_run:
         print(f"dry run: wrote {len(submitted)} script(s) to {folder}; the lines above submit them as a chain")
     else:
@@ -164,3 +170,16 @@ def submit(
               f"        tail -f {folder / f'stage{first.stage}-{first.job_id}.out'}\n"
               f"        tensorboard --logdir {run_dir}")
     return submitted
+
+
+def queued_stages(folder: Path) -> dict[int, str]:
+    """Stage -> id of this user's pending or running job of a script in ``folder`` (squeue names the script)."""
+    listing = subprocess.run(["squeue", "--me", "--noheader", "--format=%i %o"], capture_output=True, text=True)
+    if listing.returncode:
+        raise RunnerError(f"squeue failed: {(listing.stderr or listing.stdout).strip()}")
+    jobs = {}
+    for line in listing.stdout.splitlines():
+        job, _, command = line.strip().partition(" ")
+        if Path(command).parent == folder and (match := re.fullmatch(r"stage(\d+)\.sbatch", Path(command).name)):
+            jobs[int(match[1])] = job
+    return jobs

@@ -99,3 +99,23 @@ def test_checkpoint_index_records_sizes_and_hashes(tmp_path: Path) -> None:
     record = next(iter(entries[-1]["files"].values()))
     assert record["bytes"] > 0 and len(record["sha256"]) == 64
     json.dumps(entries)  # plain JSON
+
+
+def test_sigusr1_checkpoints_and_stops_cleanly_outside_slurm(tmp_path: Path) -> None:
+    """SIGUSR1 (Slurm's warning) mid-stage: a checkpoint at the next step boundary, exit 0, then an exact resume."""
+    command = [sys.executable, "-m", "pixart_lightning.cli", "run", str(DEMO), "--stages", "1", *stage1(tmp_path, 40)]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "stage1" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(e["step"] >= 3 for e in read_index(folder)):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "after SIGUSR1 (no Slurm job to requeue)" in err
+    assert json.loads((tmp_path / "stage1" / "manifest.json").read_text())["status"] == "running"
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0 and "resuming from" in finished.stdout, finished.stderr[-3000:]
+    assert json.loads((tmp_path / "stage1" / "manifest.json").read_text())["status"] == "done"
