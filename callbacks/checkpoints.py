@@ -10,7 +10,6 @@ one before it is used. Only the newest ``keep`` checkpoints stay on disk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from pixart_lightning.files import write_json_atomic
+from pixart_lightning.files import sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -29,17 +28,9 @@ def _files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe(path: Path) -> dict[str, dict[str, Any]]:
     """Bytes and sha256 of each file of a checkpoint (one file, or a folder of shards)."""
-    return {str(f.relative_to(path.parent)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in _files(path)}
+    return {str(f.relative_to(path.parent)): {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in _files(path)}
 
 
 def read_index(folder: Path) -> list[dict[str, Any]]:
@@ -55,7 +46,7 @@ def verify(folder: Path, entry: dict[str, Any]) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != record["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, {record['bytes']} were written"
-        if _sha256(path) != record["sha256"]:
+        if sha256(path) != record["sha256"]:
             return f"{name} does not match its sha256"
     return None
 

@@ -48,7 +48,7 @@ from webdataset.tariterators import tarfile_samples
 from .config import FIDSection
 from .data.samples import IMAGE_EXTENSIONS, caption_text, image_member, open_image, sample_meta
 from .data.shards import folder_samples, resolve_sources
-from .files import write_json_atomic
+from .files import sha256, write_json_atomic
 from .generate import generate
 from .models import PixArt
 from .parallel import is_sharded
@@ -222,14 +222,6 @@ def inception_file(setting: str = "") -> Path:
         "Offline, fid.extractor=tiny uses a hand-made extractor instead (not comparable to published FIDs).")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class FeatureExtractor:
     """The protocol's resize plus a network: uint8 images of any size in, float64 features out."""
@@ -259,7 +251,7 @@ def load_extractor(settings: FIDSection, device: torch.device | str = "cpu") -> 
                                 settings.resize, device)
     path = inception_file(settings.inception_weights)
     module = InceptionV3W(str(path.parent), download=False).to(device).eval()
-    return FeatureExtractor(module, "inception", f"inception-2015-12-05:{_file_sha256(path)[:16]}", 2048,
+    return FeatureExtractor(module, "inception", f"inception-2015-12-05:{sha256(path)[:16]}", 2048,
                             settings.resize, device)
 
 

@@ -13,7 +13,6 @@ the same data order; a unit whose parent is missing says which stage to run firs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,7 +42,7 @@ from .data.module import ShardDataModule
 from .data.shards import DataError, data_buckets, read_manifest, resolve_sources
 from .data.synth import synthesize
 from .evaluation import alignment
-from .files import write_json_atomic
+from .files import sha256, write_json_atomic
 from .interop import load_weights, save_weights
 from .models import PixArt
 from .parallel import make_strategy
@@ -161,14 +160,6 @@ def print_summary(units: list[Unit]) -> None:
               + f"samples: {unit.dir / 'samples' / 'final.png'}")
     if units:
         print(f"  TensorBoard: tensorboard --logdir {units[0].cfg.run_dir}   (or: make tensorboard)")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
