@@ -109,6 +109,10 @@ def sbatch_script(config: str | Path, stage: int, overrides: list[str], options:
         "# runs this again and resumes from its newest checkpoint; a finished stage says \"done already\".",
         *(f"#SBATCH {shlex.quote(d)}" for d in directives),
         "export PYTHONUNBUFFERED=1  # log lines appear as they are printed",
+        "# The rendezvous port, free now on this (the first) node; Lightning's default, 15000 + the job id's last",
+        "# digits, collides with any process still holding it, e.g. a previous attempt of a requeued job.",
+        f"export MASTER_PORT=$({shlex.quote(options.python)} -c " + shlex.quote(
+            "import socket; s = socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])") + ")",
         shlex.join(command),
         "",
     ])
