@@ -132,7 +132,9 @@ class DiffusionStage(L.LightningModule):
             mean, std = batch["latent_mean"].to(self.device).float(), batch["latent_std"].to(self.device).float()
         else:
             mean, std = (m.float() for m in self.vae.encode_posterior(batch["pixels"].to(self.device, self.vae.dtype)))
-        noise = self._step_draws(tuple(mean.shape), 1)["noise"] if self.cfg.vae.sample_posterior else None
+        # Pixel space has no posterior to sample (std 0): no draw on its hot path.
+        sample = self.cfg.vae.sample_posterior and isinstance(self.vae, VAE)
+        noise = self._step_draws(tuple(mean.shape), 1)["noise"] if sample else None
         return self.vae.latents_from_posterior(mean, std, noise)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
