@@ -25,9 +25,8 @@ def batch_geometry(pl_module: L.LightningModule, batch: dict[str, Any]) -> tuple
 
     Read from tensor shapes only, so no device sync: precomputed ``latent_mean`` (B, C, h, w), else
     ``pixels`` (B, 3, H, W) over the module's ``vae.downsample_factor``. The caption length is the
-    batch's padded ``caption_mask`` width (the backbone trims only columns that are padding in every
-    sample, which the collate already did), else the model's maximum (captions encoded on the fly, an
-    upper bound); 0 in class mode.
+    batch's ``caption_features`` width (padded to its longest caption), else the model's maximum (captions
+    encoded on the fly, an upper bound); 0 in class mode.
     """
     cfg = pl_module.model.cfg
     if "latent_mean" in batch:
@@ -37,8 +36,8 @@ def batch_geometry(pl_module: L.LightningModule, batch: dict[str, Any]) -> tuple
         h, w = (side // factor for side in batch["pixels"].shape[-2:])
     if cfg.mode == "class":
         caption = 0
-    elif "caption_mask" in batch:
-        caption = batch["caption_mask"].shape[1]
+    elif "caption_features" in batch:
+        caption = batch["caption_features"].shape[1]
     else:
         caption = cfg.max_caption_tokens
     return h, w, caption

@@ -55,6 +55,10 @@ class ModelSection:
     """Position-embedding scale of a freshly built model; None: resolution / 512 (PixArt-α). A handed-over
     model keeps its own, rescaled with the resolution."""
     gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (after FSDP sharding; eager if compilation is unavailable).
+    Pays off on GPUs; on CPU it was measured slower (docs/performance.md)."""
     init_from: str | None = None
     """Stage 1 only: a DiT / PixArt checkpoint (file or diffusers folder) to start from."""
 

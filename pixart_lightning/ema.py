@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .parallel import local
 
@@ -26,18 +26,32 @@ class EMA(nn.Module):
         self.rate = rate
         self.model = copy.deepcopy(model).float().requires_grad_(False).eval()
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> EMA:
         """Stay in eval mode (no dropout in the averaged model)."""
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One EMA step over the parameters (buffers are fixed tables and are not averaged)."""
-        n = int(self.updates)
-        rate = min(self.rate, (1 + n) / (10 + n))
-        # Under FSDP both are sharded alike: average this rank's shards.
-        ema_params = [local(p) for p in self.model.parameters()]
-        params = [local(p.detach()).float() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - rate)
-        self.updates += 1
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """One EMA step over the parameters (buffers are fixed tables and are not averaged).
+
+        Computed on the device without reading any value on the host: ``skip`` (a bool tensor, True after a
+        non-finite gradient) zeroes the step's weight and leaves the update count alone.
+        """
+        if self._pairs is None:  # the same parameter objects for the whole run (FSDP shards them once, first)
+            # Under FSDP both are sharded alike: average this rank's shards.
+            self._pairs = ([local(p) for p in self.model.parameters()], [local(p) for p in model.parameters()])
+        ema_params, params = self._pairs
+        n = self.updates.float()
+        # 1 - min(rate, (1 + n) / (10 + n)), written so that 1 - rate is not lost to float32 rounding
+        weight = torch.clamp(9.0 / (10.0 + n), min=1.0 - self.rate)
+        if skip is None:
+            self.updates += 1
+        else:
+            keep = (~skip).to(weight.dtype)
+            weight = weight * keep
+            self.updates += keep.long()
+        # One weight tensor per parameter: a lone tensor weight would be read on the host to pick the
+        # scalar overload (a device sync); the list overload keeps it on the device.
+        torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], [weight] * len(params))

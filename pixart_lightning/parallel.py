@@ -17,6 +17,7 @@ keep the gathered parameters until backward (ZeRO-2-like: more memory, no second
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Iterable
@@ -102,7 +103,8 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tenso
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
     if isinstance(norm, DTensor):  # a partial norm per shard: reduce it to the full one
         norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
     return norm
 
 

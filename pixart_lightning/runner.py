@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -302,26 +303,7 @@ def run_unit(
     if resume is not None and resume.is_dir() and cfg.train.strategy != "fsdp":
         raise RunnerError(f"{resume} is a sharded FSDP checkpoint: resume with train.strategy=fsdp and the same number "
                           f"of processes, or delete {checkpoints.folder} to restart {unit.label}")
-    preemption = Preemption(checkpoints)
-    # Our own SIGUSR1 handling (callbacks/preemption.py) replaces Lightning's, which saves inside the signal handler.
-    environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
-    trainer = L.Trainer(
-        accelerator=cfg.train.accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
-        strategy=make_strategy(cfg.train), precision=cfg.train.precision,
-        max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
-        logger=TensorBoardLogger(save_dir=str(unit.dir), name="", version="tensorboard"),
-        callbacks=[
-            checkpoints,
-            SampleGrid(cfg.samples, unit.dir / "samples", cfg.text_mode),
-            preemption,
-            Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
-            *([FIDCallback(cfg.fid, unit.dir, progress=cfg.train.progress_bar)] if cfg.fid.enabled else []),
-            *(callbacks or []),
-        ],
-        plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=unit.dir, use_distributed_sampler=False,
-        enable_checkpointing=False,  # ours (callbacks/checkpoints.py), not Lightning's default ModelCheckpoint
-    )
+    trainer = make_trainer(cfg, unit.dir, checkpoints, callbacks)
     if trainer.is_global_zero:
         print(f"{unit.label}: {f'resuming from {resume}' if resume else 'training'} -> {unit.dir}", flush=True)
     try:
@@ -349,6 +331,34 @@ def run_unit(
     if trainer.is_global_zero:
         _finish(unit, trainer, model, ema, manifest, vae, encoder)
     trainer.strategy.barrier("stage finished")  # no rank starts the next stage before its parent is written
+
+
+def make_trainer(
+    cfg: StageConfig, folder: Path, checkpoints: Checkpoints, callbacks: list[L.Callback] | None = None,
+    evaluation: bool = True,
+) -> L.Trainer:
+    """The stage's Trainer: strategy, precision and the per-step callbacks (checkpoints, preemption,
+    throughput), plus samples and FID when ``evaluation`` (off in benchmarks, which time the step alone)."""
+    # Our own SIGUSR1 handling (callbacks/preemption.py) replaces Lightning's, which saves inside the signal handler.
+    environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    evaluations = [SampleGrid(cfg.samples, folder / "samples", cfg.text_mode)] if evaluation else []
+    if evaluation and cfg.fid.enabled:
+        evaluations.append(FIDCallback(cfg.fid, folder, progress=cfg.train.progress_bar))
+    progress = [TQDMProgressBar(refresh_rate=cfg.train.log_every)] if cfg.train.progress_bar else []
+    return L.Trainer(
+        accelerator=cfg.train.accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
+        strategy=make_strategy(cfg.train), precision=cfg.train.precision,
+        max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
+        logger=TensorBoardLogger(save_dir=str(folder), name="", version="tensorboard"),
+        callbacks=[
+            checkpoints, Preemption(checkpoints),
+            Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
+            *evaluations, *progress, *(callbacks or []),
+        ],
+        plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=folder, use_distributed_sampler=False,
+        enable_checkpointing=False,  # ours (callbacks/checkpoints.py), not Lightning's default ModelCheckpoint
+    )
 
 
 def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path | None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from pixart_lightning import parallel
+from pixart_lightning.compilation import compile_blocks
 from pixart_lightning.config import StageConfig
 from pixart_lightning.data.shards import FILTER_REASONS
 from pixart_lightning.diffusion import create_diffusion
@@ -57,8 +58,10 @@ class DiffusionStage(L.LightningModule):
         self.frozen = {"vae": vae, "text_encoder": text_encoder}
         self.skipped: dict[str, int] = {}
         self.samples_read = 0
-        self.nonfinite_steps = {"total": 0, "in_a_row": 0}
-        self._skip_update = False
+        self._bad_step: Tensor | None = None  # this step's gradient was not finite (a device bool)
+        self._nonfinite: Tensor | None = None  # (total, in a row, longest run since the last check), on the device
+        self._nonfinite_reported = 0
+        self._params: list[Tensor] | None = None  # the backbone's parameters, listed once (after any sharding)
 
     # ------------------------------------------------------------------ stage hooks
     @classmethod
@@ -80,12 +83,15 @@ class DiffusionStage(L.LightningModule):
         return self.frozen["text_encoder"]
 
     def configure_model(self) -> None:
-        """Under FSDP, shard the backbone and its EMA copy block by block (the same mesh, so their shards align)."""
-        if not isinstance(self.trainer.strategy, parallel.ShardedStrategy) or parallel.is_sharded(self.model):
-            return
-        for model in (self.model, self.ema.model if self.ema is not None else None):
-            if model is not None:
-                parallel.shard(model, self.cfg.train, self.device_mesh["data_parallel"], self.device.type)
+        """Under FSDP, shard the backbone and its EMA copy block by block (the same mesh, so their shards align);
+        then compile the training model's blocks if ``model.compile`` (the EMA copy only samples: left eager)."""
+        sharded = isinstance(self.trainer.strategy, parallel.ShardedStrategy)
+        if sharded and not parallel.is_sharded(self.model):
+            for model in (self.model, self.ema.model if self.ema is not None else None):
+                if model is not None:
+                    parallel.shard(model, self.cfg.train, self.device_mesh["data_parallel"], self.device.type)
+        if self.cfg.model.compile:
+            compile_blocks(self.model.blocks, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["world_size"] = self.trainer.world_size
@@ -104,6 +110,16 @@ class DiffusionStage(L.LightningModule):
         for module in self.frozen.values():
             if module is not None:
                 module.to(self.device)
+
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
+        """Move the batch's tensors, and only those (keys and counts stay on the host), without blocking: from
+        pinned memory (the loader pins on GPUs) the host goes on queueing the step while the copy runs."""
+        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's logs. Logging only then spares the other steps the cost of each
+        ``self.log`` call (about 1 ms on CPU, plus small device kernels)."""
+        return self._trainer is None or self.trainer._logger_connector.should_update_logs
 
     def _step_draws(self, shape: tuple[int, ...], *stream: int) -> dict[str, Tensor]:
         """This rank's share of the step's random draws for the global batch: timesteps, noise, caption drops.
@@ -146,9 +162,9 @@ class DiffusionStage(L.LightningModule):
         kwargs["force_drop_ids"] = draws["drop"].long()
         losses = self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"])
         loss = losses["loss"].mean()
-        log = {f"train/{k}": v.mean() for k, v in losses.items()}
-        self.log_dict(log, prog_bar=False, on_step=True, batch_size=B)
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
+        if self._logging_step():
+            self.log_dict({f"train/{k}": v.mean() for k, v in losses.items()}, on_step=True, batch_size=B)
+            self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
         return loss
 
     def _count_samples(self, batch: dict[str, Any]) -> None:
@@ -166,56 +182,85 @@ class DiffusionStage(L.LightningModule):
                 "data or raise data.max_bad_fraction, then run the same command to resume")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping).
+        """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping), and skip steps whose
+        gradient is not finite without reading anything on the host.
 
-        A non-finite norm (NaN or inf anywhere in any rank's gradients, so every rank sees it) drops the
-        gradients: AdamW leaves parameters without a gradient untouched, so the step changes nothing.
+        A NaN or inf anywhere in any rank's gradients makes the global norm non-finite on every rank. Fused
+        AdamW then skips the update on the device (``found_inf``: weights, moments and step count untouched)
+        and the EMA update gets weight zero; an optimizer without ``found_inf`` pays one host sync to drop the
+        gradients instead. The count of such steps is read on logging steps (:meth:`_check_nonfinite`).
         """
-        norm = parallel.clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
-        self.log("train/grad_norm", norm, on_step=True, batch_size=1)
-        if not torch.isfinite(norm):  # one scalar sync a step, the price of never applying a poisoned update
+        norm = parallel.clip_grad_norm(self._trainable_parameters(), self.cfg.optim.grad_clip or math.inf)
+        if self._logging_step():
+            self.log("train/grad_norm", norm, on_step=True, batch_size=1)
+        self._bad_step = ~torch.isfinite(norm)
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = self._bad_step.float()
+        elif self._bad_step.item():
             optimizer.zero_grad(set_to_none=True)
-            self._skip_update = True
+
+    def _trainable_parameters(self) -> list[Tensor]:
+        if self._params is None:
+            self._params = list(self.model.parameters())
+        return self._params
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA step (here, not in a batch-end hook: checkpoint callbacks save
         before the module's batch-end hook runs, which would leave the saved EMA one update behind).
         After a non-finite gradient neither moves."""
         super().optimizer_step(*args, **kwargs)
-        if self._skip_update:
-            self._skip_update = False
-            self._nonfinite_step()
-            return
-        self.nonfinite_steps["in_a_row"] = 0
+        bad = self._bad_step
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, skip=bad)
+        if bad is None:  # no gradient clipping hook ran (manual stepping): nothing to count
+            return
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros(3, dtype=torch.long, device=bad.device)
+        total, in_a_row, longest = self._nonfinite.unbind()
+        total.add_(bad.long())
+        in_a_row.add_(1).mul_(bad.long())
+        torch.maximum(longest, in_a_row, out=longest)
+        if self._logging_step() or self.global_step + 1 >= self.trainer.max_steps:
+            self._check_nonfinite()
 
-    def _nonfinite_step(self) -> None:
-        counts = self.nonfinite_steps
-        counts["total"] += 1
-        counts["in_a_row"] += 1
-        self.log("train/nonfinite_steps", float(counts["total"]), on_step=True, batch_size=1)
-        log.warning("step %d: non-finite gradient, update skipped (%d in a row)", self.global_step, counts["in_a_row"])
-        if counts["in_a_row"] >= self.cfg.train.max_nonfinite_steps:
+    @property
+    def nonfinite_steps(self) -> dict[str, int]:
+        """Steps skipped for a non-finite gradient: in all, and in a row up to now (reads the device)."""
+        total, in_a_row, _ = self._nonfinite.tolist() if self._nonfinite is not None else (0, 0, 0)
+        return {"total": total, "in_a_row": in_a_row}
+
+    def _check_nonfinite(self) -> None:
+        """Report new non-finite steps; stop after ``train.max_nonfinite_steps`` in a row (one host sync)."""
+        total, in_a_row, longest = self._nonfinite.tolist()
+        self._nonfinite[2] = in_a_row
+        new, self._nonfinite_reported = total - self._nonfinite_reported, total
+        if not new:
+            return
+        self.log("train/nonfinite_steps", float(total), on_step=True, batch_size=1)
+        log.warning("up to step %d: %d more steps with a non-finite gradient, their updates skipped (%d in a row now)",
+                    self.global_step, new, in_a_row)
+        if longest >= self.cfg.train.max_nonfinite_steps:
             debug = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
             self.trainer.save_checkpoint(debug)
             raise TrainingStopped(
-                f"{counts['in_a_row']} steps in a row had a non-finite gradient (train.max_nonfinite_steps="
+                f"{longest} steps in a row had a non-finite gradient (train.max_nonfinite_steps="
                 f"{self.cfg.train.max_nonfinite_steps}); the state is saved in {debug} for debugging. Lower "
                 "optim.lr, check the data, or resume from the last good checkpoint")
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
+        if self._logging_step():
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
 
     def configure_optimizers(self):
         o = self.cfg.optim
         lr = o.lr
         if o.scale_lr:  # PixArt-α's auto-LR: sqrt scaling with the global batch
             lr *= math.sqrt(self.cfg.data.batch_size * self.trainer.world_size / 256)
-        optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-            foreach=True,
-        )
+        hyper = {"lr": lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+        try:  # one kernel for all parameters, and it can skip a non-finite step on the device
+            optimizer = torch.optim.AdamW(self.model.parameters(), fused=True, **hyper)
+        except RuntimeError:  # fused needs float parameters on a device with the kernel
+            optimizer = torch.optim.AdamW(self.model.parameters(), foreach=True, **hyper)
         warmup = max(1, o.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

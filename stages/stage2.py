@@ -8,6 +8,7 @@ from torch import Tensor
 
 from pixart_lightning.config import StageConfig
 from pixart_lightning.models import PixArt, class_to_text
+from pixart_lightning.models.pixart import trim_caption_padding
 
 from .base import DiffusionStage
 
@@ -24,10 +25,20 @@ class TextAlignment(DiffusionStage):
         # Re-parameterise: at t = 500 the new model computes the old one with the label left out.
         return class_to_text(parent, caption_channels=caption_channels, class_dropout_prob=cfg.model.class_dropout_prob)
 
-    def caption_features(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Trim precomputed captions' padding while the batch is on the host, where reading the mask costs no
+        device sync; a batch of full-length captions loses its mask (attention's fastest kernel)."""
+        if "caption_features" in batch:
+            batch["caption_features"], batch["caption_mask"] = trim_caption_padding(
+                batch["caption_features"], batch["caption_mask"])
+        return batch
+
+    def caption_features(self, batch: dict[str, Any]) -> dict[str, Tensor | None]:
         """Precomputed features from the shards when present, else T5 on the fly."""
         if "caption_features" in batch:
-            return {"y": batch["caption_features"].to(self.device).float(), "mask": batch["caption_mask"].to(self.device)}
+            mask = batch["caption_mask"]
+            return {"y": batch["caption_features"].to(self.device).float(),
+                    "mask": None if mask is None else mask.to(self.device)}
         features, mask = self.text_encoder.encode(batch["caption"], trim=True)
         return {"y": features.float(), "mask": mask}
 

@@ -135,7 +135,7 @@ def test_batch_geometry():
     pixels = {"key": ["a"], "pixels": torch.zeros(1, 3, 512, 256)}
     assert batch_geometry(xl2_module(), pixels) == (64, 32, 120)  # text mode, captions encoded on the fly
     assert batch_geometry(xl2_module(mode="class"), pixels) == (64, 32, 0)
-    latents = {"key": ["a"], "latent_mean": torch.zeros(1, 4, 32, 48), "caption_mask": torch.ones(1, 17)}
+    latents = {"key": ["a"], "latent_mean": torch.zeros(1, 4, 32, 48), "caption_features": torch.ones(1, 17, 8), "caption_mask": None}
     assert batch_geometry(xl2_module(), latents) == (32, 48, 17)
 
 

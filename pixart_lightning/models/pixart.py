@@ -135,6 +135,34 @@ class PatchEmbed(nn.Module):
 #################################################################################
 
 
+CPU_MATMUL_ATTENTION = 256 * 256
+"""On CPU, attention over at most this many (query, key) pairs per head takes two batched matmuls instead of
+torch's fused kernel, which is built for long sequences: 1.3-1.6x faster at the demo's 36 tokens, even at 256,
+slower from about 576 on (docs/performance.md)."""
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / √d) v for (B, tokens, heads, head_dim) inputs -> (B, N, heads * head_dim).
+
+    ``mask`` (B, M) is 1 where a key may be attended to. GPUs take PyTorch's fused kernels (flash,
+    memory-efficient, cuDNN), which read this layout as strided views without copies.
+    """
+    B, N, H, d = q.shape
+    M = k.shape[1]
+    if q.device.type == "cpu" and N * M <= CPU_MATMUL_ATTENTION:
+        q, k, v = (t.transpose(1, 2).reshape(B * H, -1, d) for t in (q, k, v))  # heads into the batch
+        if mask is None:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(d**-0.5)
+        else:  # the padding's additive bias, broadcast over the queries by baddbmm
+            bias = (mask.bool().logical_not() * torch.finfo(q.dtype).min).to(q.dtype).repeat_interleave(H, dim=0)
+            scores = torch.baddbmm(bias[:, None], q, k.transpose(1, 2), alpha=d**-0.5)
+        out = torch.bmm(scores.softmax(dim=-1), v)  # (B * H, N, d)
+        return out.view(B, H, N, d).transpose(1, 2).reshape(B, N, H * d)
+    attn_mask = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, M); True = attend
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return out.transpose(1, 2).reshape(B, N, H * d)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection (rows ordered q, k, v)."""
 
@@ -146,9 +174,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)
+        return self.proj(attention(q, k, v))
 
 
 class CrossAttention(nn.Module):
@@ -163,14 +190,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
         B, N, D = x.shape
-        L = y.shape[1]
         head_dim = D // self.num_heads
-        q = self.q_linear(x).view(B, N, self.num_heads, head_dim).transpose(1, 2)
-        k, v = self.kv_linear(y).view(B, L, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        # key-padding mask (B, L) -> (B, 1, 1, L); True = attend
-        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        q = self.q_linear(x).view(B, N, self.num_heads, head_dim)
+        k, v = self.kv_linear(y).view(B, y.shape[1], 2, self.num_heads, head_dim).unbind(2)
+        return self.proj(attention(q, k, v, mask))
 
 
 #################################################################################
@@ -179,7 +202,8 @@ class CrossAttention(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift, as one pass over x."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class PixArtBlock(nn.Module):
@@ -207,10 +231,11 @@ class PixArtBlock(nn.Module):
         else:
             mods = self.adaLN_modulation(cond)[:, None].chunk(6, dim=2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        # gated residuals as one pass each: x + gate * f(x)
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         if self.text:
             x = x + self.cross_attn(x, y, mask)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -350,7 +375,6 @@ class PixArt(nn.Module):
                     raise ValueError("this model has micro-conditions: pass resolution (B, 2) and aspect_ratio (B, 1)")
                 c = c + torch.cat([self.csize_embedder(resolution), self.ar_embedder(aspect_ratio)], dim=1)
             block_cond = self.t_block(c)  # (B, 6D)
-            y, mask = trim_caption_padding(y, mask)
             y = self.y_embedder(y, force_drop_ids)  # (B, L, D)
         else:
             if y is not None:
@@ -368,17 +392,16 @@ class PixArt(nn.Module):
 def trim_caption_padding(y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Drop caption columns that are padding in every sample; no mask at all if none is left.
 
-    Masked tokens contribute nothing to cross-attention, so this changes no output, but it spares
-    the K/V projections and attention the padding up to 120 tokens, and an all-ones mask lets
-    ``scaled_dot_product_attention`` pick its fastest kernel.
+    Masked tokens contribute nothing to cross-attention, so this changes no output, but it spares the K/V
+    projections and attention the padding, and a missing mask lets attention take its fastest kernel. It reads
+    the mask's values, so call it where the mask is on the host (a device mask would stall the GPU here).
     """
     if mask is None:
         return y, None
-    mask = mask.bool()
-    used = mask.any(dim=0)  # (L,)
-    keep = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    used = mask.bool().any(dim=0).nonzero()
+    keep = int(used.max()) + 1 if len(used) else 1
     y, mask = y[:, :keep], mask[:, :keep]
-    return (y, None) if bool(mask.all()) else (y, mask)
+    return (y, None) if bool(mask.bool().all()) else (y, mask)
 
 
 def unpatchify(x: Tensor, grid_h: int, grid_w: int, p: int, channels: int) -> Tensor:

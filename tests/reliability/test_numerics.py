@@ -40,7 +40,7 @@ class Snapshots(L.Callback):
         self.ema.append(torch.cat([p.detach().flatten() for p in pl_module.ema.model.parameters()]).clone())
 
 
-def train(tmp_path: Path, steps: int, poisoned: set[int], max_in_a_row: int = 3):
+def train(tmp_path: Path, steps: int, poisoned: set[int], max_in_a_row: int = 3, log_every: int = 1):
     cfg = load_stage(DEMO, 2, [
         "data.shards=unused", "model.depth=2", "model.hidden_size=48", "model.patch_size=2", f"data.resolution={SIDE}",
         "data.batch_size=8", "train.accelerator=cpu", "train.precision=32", f"train.max_steps={steps}",
@@ -50,6 +50,7 @@ def train(tmp_path: Path, steps: int, poisoned: set[int], max_in_a_row: int = 3)
     module = STAGE_MODULES[2](cfg, STAGE_MODULES[2].initial_model(cfg, None, CAPTION_DIM), PixelSpace(), None)
     snapshots = Snapshots()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        log_every_n_steps=log_every,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshots],
                         default_root_dir=tmp_path)
     loader = DataLoader(Poisoned(steps, poisoned), batch_size=None)

@@ -1,0 +1,120 @@
+"""The fast paths keep the numbers: no host syncs in a training step, matmul attention equals SDPA, compiled
+blocks equal eager ones (and compiling falls back to eager where it cannot work)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader
+
+from pixart_lightning import compilation
+from pixart_lightning.config import load_stage
+from pixart_lightning.models.pixart import CPU_MATMUL_ATTENTION, attention
+from pixart_lightning.vae import PixelSpace
+from stages import STAGE_MODULES
+from tests.multiproc_train import CAPTION_DIM, DEMO, SIDE, GlobalBatches
+
+# Ops that make the host wait for the device: reading a value (item, bool, int, tolist) or an output whose
+# shape depends on values.
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2"}
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING_OPS:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class CountSyncs(L.Callback):
+    """Syncing ops per training step, from batch start to batch end (forward, backward, clipping, AdamW, EMA)."""
+
+    def __init__(self):
+        self.per_step: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.mode = SyncCounter()
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.mode.__exit__(None, None, None)
+        self.per_step.append(self.mode.ops)
+
+
+def stage2(steps: int, overrides: list[str] = ()):
+    cfg = load_stage(DEMO, 2, [
+        "data.shards=unused", "model.depth=2", "model.hidden_size=48", "model.patch_size=2", f"data.resolution={SIDE}",
+        "data.batch_size=8", "train.accelerator=cpu", "train.precision=32", f"train.max_steps={steps}",
+        "optim.warmup_steps=1", "optim.ema_rate=0.9", *overrides,
+    ])
+    torch.manual_seed(0)
+    return STAGE_MODULES[2](cfg, STAGE_MODULES[2].initial_model(cfg, None, CAPTION_DIM), PixelSpace(), None)
+
+
+def fit(module, steps: int, tmp_path: Path, callbacks=(), log_every: int = 50) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                        log_every_n_steps=log_every, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader(GlobalBatches(0, steps, 0, 1), batch_size=None))
+    return trainer
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path: Path) -> None:
+    """Forward, hybrid loss, backward, clipping, the non-finite guard, fused AdamW and the EMA queue work
+    without waiting for it; the host reads only on logging steps (here every 3rd) and at the last step."""
+    counter = CountSyncs()
+    module = stage2(7)
+    fit(module, 7, tmp_path, [counter], log_every=3)
+    assert module.trainer.optimizers[0].defaults["fused"]
+    quiet = [ops for step, ops in enumerate(counter.per_step) if (step + 1) % 3 and step != 6]
+    assert len(quiet) == 4 and all(ops == [] for ops in quiet), counter.per_step
+    with SyncCounter() as seen:  # the counter is not blind
+        torch.ones(2).sum().item(), bool(torch.ones(()) > 0), torch.ones(3).nonzero()
+    assert seen.ops == ["_local_scalar_dense", "_local_scalar_dense", "nonzero"]
+
+
+def test_matmul_attention_on_cpu_equals_sdpa() -> None:
+    gen = torch.Generator().manual_seed(0)
+    B, H, d = 3, 4, 8
+    for N, M in [(36, 36), (36, 7), (300, 300)]:  # the last takes SDPA itself
+        q, k, v = (torch.randn(B, n, H, d, generator=gen) for n in (N, M, M))
+        mask = torch.ones(B, M, dtype=torch.long)
+        mask[1, M // 2:] = 0
+        for m in (None, mask):
+            ref = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=None if m is None else m.bool()[:, None, None, :]).transpose(1, 2).reshape(B, N, H * d)
+            torch.testing.assert_close(attention(q, k, v, m), ref, atol=1e-5, rtol=1e-5)
+    assert 36 * 36 <= CPU_MATMUL_ATTENTION < 300 * 300
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path: Path) -> None:
+    if compilation.compile_unavailable(torch.device("cpu")):
+        pytest.skip(compilation.compile_unavailable(torch.device("cpu")))
+    torch._dynamo.reset()
+    eager, compiled = stage2(3), stage2(3, ["model.compile=true"])
+    fit(eager, 3, tmp_path / "eager")
+    fit(compiled, 3, tmp_path / "compiled")
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.model.blocks)
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_compiling_falls_back_to_eager_without_a_compiler(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(compilation.shutil, "which", lambda name: None)
+    blocks = stage2(1).model.blocks
+    with caplog.at_level(logging.WARNING):
+        assert compilation.compile_blocks(blocks, torch.device("cpu")) is False
+    assert "no C++ compiler" in caplog.text and "run eagerly" in caplog.text
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in blocks)
