@@ -59,7 +59,7 @@ tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
 
 bench: venv
-	$(PY) benchmarks/backbone_step.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -118,3 +118,19 @@ def test_compiling_falls_back_to_eager_without_a_compiler(monkeypatch, caplog) -
         assert compilation.compile_blocks(blocks, torch.device("cpu")) is False
     assert "no C++ compiler" in caplog.text and "run eagerly" in caplog.text
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in blocks)
+
+
+def test_the_benchmarks_run_and_print_their_ratios() -> None:
+    """The one-command benchmarks of docs/performance.md, in their smallest form."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    step = subprocess.run([sys.executable, "benchmarks/train_step.py", "--steps", "2", "--warmup", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert step.returncode == 0, step.stderr[-2000:]
+    assert "ours/diffusers images/s:" in step.stdout and "diffusers" in step.stdout
+    cost = subprocess.run([sys.executable, "benchmarks/cost_projection.py", "--mfu", "0.4", "--gpu", "H100"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert cost.returncode == 0, cost.stderr[-2000:]
+    assert "752.7" in cost.stdout and "H100-days" in cost.stdout
