@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from callbacks.checkpoints import Checkpoints  # noqa: E402
 from pixart_lightning import flops  # noqa: E402
 from pixart_lightning.config import load_stage  # noqa: E402
 from pixart_lightning.diffusion import create_diffusion  # noqa: E402
@@ -38,10 +40,7 @@ from pixart_lightning.interop import export_diffusers  # noqa: E402
 from pixart_lightning.runner import make_trainer  # noqa: E402
 from pixart_lightning.tiny_models import build_tiny_vae  # noqa: E402
 from pixart_lightning.vae import VAE, PixelSpace  # noqa: E402
-from callbacks.checkpoints import Checkpoints  # noqa: E402
 from stages import STAGE_MODULES  # noqa: E402
-
-import lightning as L  # noqa: E402
 
 
 def make_batches(count: int, batch: int, latent: int, channels: int, tokens: int, caption_channels: int,

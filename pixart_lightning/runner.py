@@ -341,9 +341,9 @@ def make_trainer(
     throughput), plus samples and FID when ``evaluation`` (off in benchmarks, which time the step alone)."""
     # Our own SIGUSR1 handling (callbacks/preemption.py) replaces Lightning's, which saves inside the signal handler.
     environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
-    evaluations = [SampleGrid(cfg.samples, folder / "samples", cfg.text_mode)] if evaluation else []
-    if evaluation and cfg.fid.enabled:
-        evaluations.append(FIDCallback(cfg.fid, folder, progress=cfg.train.progress_bar))
+    samples = [SampleGrid(cfg.samples, folder / "samples", cfg.text_mode)] if evaluation else []
+    fid = [FIDCallback(cfg.fid, folder, progress=cfg.train.progress_bar)] if evaluation and cfg.fid.enabled else []
+    # The bar reads the logged loss on the host: refresh it when there is a new one, not every step.
     progress = [TQDMProgressBar(refresh_rate=cfg.train.log_every)] if cfg.train.progress_bar else []
     return L.Trainer(
         accelerator=cfg.train.accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
@@ -351,9 +351,9 @@ def make_trainer(
         max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
         logger=TensorBoardLogger(save_dir=str(folder), name="", version="tensorboard"),
         callbacks=[
-            checkpoints, Preemption(checkpoints),
+            checkpoints, *samples, Preemption(checkpoints),
             Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
-            *evaluations, *progress, *(callbacks or []),
+            *fid, *progress, *(callbacks or []),
         ],
         plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=folder, use_distributed_sampler=False,

@@ -137,7 +137,7 @@ class PatchEmbed(nn.Module):
 
 CPU_MATMUL_ATTENTION = 256 * 256
 """On CPU, attention over at most this many (query, key) pairs per head takes two batched matmuls instead of
-torch's fused kernel, which is built for long sequences: 1.3-1.6x faster at the demo's 36 tokens, even at 256,
+torch's fused kernel, which is built for long sequences: 1.5x faster at the demo's 36 tokens, about even at 256,
 slower from about 576 on (docs/performance.md)."""
 
 
