@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.compile=true)")
     args = parser.parse_args()
 
-    from diffusers import PixArtTransformer2DModel
+    import diffusers
 
     device = torch.device(args.device)
     base = load_stage(args.config, 2, args.overrides)
@@ -190,7 +190,7 @@ def main() -> None:
         tmp = Path(tmp)
         # Feature batches need the VAE only for its latent scale: a tiny one stands in for the SD VAE.
         vae = PixelSpace() if pixel_space else VAE.from_pretrained(str(build_tiny_vae(tmp / "vae")), cfg.vae.scale_factor)
-        theirs = PixArtTransformer2DModel.from_pretrained(export_diffusers(model, tmp / "diffusers"))
+        theirs = diffusers.PixArtTransformer2DModel.from_pretrained(export_diffusers(model, tmp / "diffusers"))
         module = stage_cls(cfg, model, vae, None)
         latent = cfg.data.resolution // vae.downsample_factor
         batches = make_batches(4, cfg.data.batch_size, latent, model.cfg.in_channels, tokens, caption_channels,
@@ -209,7 +209,6 @@ def main() -> None:
     peak = cfg.train.peak_tflops or (flops.peak_tflops(torch.cuda.get_device_name(device))
                                      if device.type == "cuda" else None)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    import diffusers
     params = sum(p.numel() for p in model.parameters())
     print(f"stage-2 training step: {args.config} ({model.cfg.depth} blocks x {model.cfg.hidden_size}, "
           f"{params / 1e6:.2f}M params), {cfg.data.resolution} px ({(latent // model.cfg.patch_size) ** 2} tokens), "

@@ -31,6 +31,17 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 GLOBAL_BATCH, CAPTION_DIM, SIDE = 8, 16, 16
 
 
+def small_stage2(steps: int, *overrides: str):
+    """The small one-process CPU stage-2 module the single-process tests train (seeded, fp32, batch 8)."""
+    cfg = load_stage(DEMO, 2, [
+        "data.shards=unused", "model.depth=2", "model.hidden_size=48", "model.patch_size=2", f"data.resolution={SIDE}",
+        "data.batch_size=8", "train.accelerator=cpu", "train.precision=32", f"train.max_steps={steps}",
+        "optim.warmup_steps=1", "optim.ema_rate=0.9", *overrides,
+    ])
+    torch.manual_seed(0)
+    return STAGE_MODULES[2](cfg, STAGE_MODULES[2].initial_model(cfg, None, CAPTION_DIM), PixelSpace(), None)
+
+
 class GlobalBatches(Dataset):
     """Batch ``step`` of a fixed sequence of global batches, sliced to this rank's share."""
 

@@ -14,11 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from pixart_lightning import compilation
-from pixart_lightning.config import load_stage
 from pixart_lightning.models.pixart import CPU_MATMUL_ATTENTION, attention
-from pixart_lightning.vae import PixelSpace
-from stages import STAGE_MODULES
-from tests.multiproc_train import CAPTION_DIM, DEMO, SIDE, GlobalBatches
+from tests.multiproc_train import GlobalBatches, small_stage2
 
 # Ops that make the host wait for the device: reading a value (item, bool, int, tolist) or an output whose
 # shape depends on values.
@@ -52,16 +49,6 @@ class CountSyncs(L.Callback):
         self.per_step.append(self.mode.ops)
 
 
-def stage2(steps: int, overrides: list[str] = ()):
-    cfg = load_stage(DEMO, 2, [
-        "data.shards=unused", "model.depth=2", "model.hidden_size=48", "model.patch_size=2", f"data.resolution={SIDE}",
-        "data.batch_size=8", "train.accelerator=cpu", "train.precision=32", f"train.max_steps={steps}",
-        "optim.warmup_steps=1", "optim.ema_rate=0.9", *overrides,
-    ])
-    torch.manual_seed(0)
-    return STAGE_MODULES[2](cfg, STAGE_MODULES[2].initial_model(cfg, None, CAPTION_DIM), PixelSpace(), None)
-
-
 def fit(module, steps: int, tmp_path: Path, callbacks=(), log_every: int = 50) -> L.Trainer:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
@@ -74,7 +61,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path: Path) -> N
     """Forward, hybrid loss, backward, clipping, the non-finite guard, fused AdamW and the EMA queue work
     without waiting for it; the host reads only on logging steps (here every 3rd) and at the last step."""
     counter = CountSyncs()
-    module = stage2(7)
+    module = small_stage2(7)
     fit(module, 7, tmp_path, [counter], log_every=3)
     assert module.trainer.optimizers[0].defaults["fused"]
     quiet = [ops for step, ops in enumerate(counter.per_step) if (step + 1) % 3 and step != 6]
@@ -103,7 +90,7 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path: Path) -> None:
     if compilation.compile_unavailable(torch.device("cpu")):
         pytest.skip(compilation.compile_unavailable(torch.device("cpu")))
     torch._dynamo.reset()
-    eager, compiled = stage2(3), stage2(3, ["model.compile=true"])
+    eager, compiled = small_stage2(3), small_stage2(3, "model.compile=true")
     fit(eager, 3, tmp_path / "eager")
     fit(compiled, 3, tmp_path / "compiled")
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.model.blocks)
@@ -113,7 +100,7 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path: Path) -> None:
 
 def test_compiling_falls_back_to_eager_without_a_compiler(monkeypatch, caplog) -> None:
     monkeypatch.setattr(compilation.shutil, "which", lambda name: None)
-    blocks = stage2(1).model.blocks
+    blocks = small_stage2(1).model.blocks
     with caplog.at_level(logging.WARNING):
         assert compilation.compile_blocks(blocks, torch.device("cpu")) is False
     assert "no C++ compiler" in caplog.text and "run eagerly" in caplog.text

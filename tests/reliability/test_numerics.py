@@ -9,11 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pixart_lightning.config import load_stage
-from pixart_lightning.vae import PixelSpace
-from stages import STAGE_MODULES
 from stages.base import TrainingStopped
-from tests.multiproc_train import CAPTION_DIM, DEMO, SIDE, GlobalBatches
+from tests.multiproc_train import GlobalBatches, small_stage2
 
 
 class Poisoned(GlobalBatches):
@@ -41,13 +38,7 @@ class Snapshots(L.Callback):
 
 
 def train(tmp_path: Path, steps: int, poisoned: set[int], max_in_a_row: int = 3, log_every: int = 1):
-    cfg = load_stage(DEMO, 2, [
-        "data.shards=unused", "model.depth=2", "model.hidden_size=48", "model.patch_size=2", f"data.resolution={SIDE}",
-        "data.batch_size=8", "train.accelerator=cpu", "train.precision=32", f"train.max_steps={steps}",
-        f"train.max_nonfinite_steps={max_in_a_row}", "optim.warmup_steps=1", "optim.ema_rate=0.9",
-    ])
-    torch.manual_seed(0)
-    module = STAGE_MODULES[2](cfg, STAGE_MODULES[2].initial_model(cfg, None, CAPTION_DIM), PixelSpace(), None)
+    module = small_stage2(steps, f"train.max_nonfinite_steps={max_in_a_row}")
     snapshots = Snapshots()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         log_every_n_steps=log_every,
