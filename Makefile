@@ -13,7 +13,7 @@ RUN_ARGS ?=
 LAUNCH ?= local
 SLURM_ARGS ?=
 
-.PHONY: venv test slurm-install lint demo stage1 stage2 stage3 tensorboard bench clean
+.PHONY: venv test slurm-install lint demo stage1 stage2 stage3 tensorboard bench gpu-wheels gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -60,6 +60,23 @@ tensorboard: venv
 
 bench: venv
 	$(PY) benchmarks/train_step.py
+
+# GPU checks (docs/gpu.md). Here: `make gpu-wheels` fetches the wheels the GPU machine lacks into .whl/ (pinned to
+# .venv). There: `make gpu-check` installs them under GPU_SITE and runs every check (reports in $$OUT or
+# runs/gpu-check/). `make gpu-check DEVICE=cpu` runs the same checks at tiny sizes.
+DEVICE ?= cuda
+GPU_SITE ?= /tmp/site
+CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+CHECK_ARGS ?=
+
+gpu-wheels: venv
+	$(PY) -m pixart_lightning.gpu_check.wheels --dest .whl
+
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(CHECK_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; \
+	fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(CHECK_PYTHON) -m pixart_lightning.gpu_check --device $(DEVICE) $(CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,1 +1,1 @@
-"""Training callbacks: FID, sample logging, throughput/MFU, EMA (issue #6)."""
+"""Training callbacks: checkpoints, preemption, sample grids, FID, throughput/MFU."""

@@ -19,11 +19,14 @@ from pixart_lightning.fid import (
     pinned_captions,
 )
 
+from .steps import step_ended
+
 RECORDS, CAPTION_IDS = "fid.json", "fid-captions.json"
 
 
 class FIDCallback(L.Callback):
-    """Measures the EMA model's FID (the plain model without EMA) on every rank, generation sharded.
+    """Measures the EMA model's FID (the plain model without EMA) on every rank, generation sharded, under the
+    training precision.
 
     Rank 0 logs ``eval/fid`` at the global step and appends the full record (everything that pins the
     protocol) to ``<out_dir>/fid.json``; the pinned caption list goes to ``<out_dir>/fid-captions.json``.
@@ -46,7 +49,7 @@ class FIDCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.settings.every_n_steps
-        if every and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
+        if every and step_ended(trainer, batch_idx) and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -61,12 +64,15 @@ class FIDCallback(L.Callback):
             self.captions = pinned_captions(self.settings)
         if self._extractor is None:
             self._extractor = load_extractor(self.settings, pl_module.device)
+        model = pl_module.sampling_model(use_ema=True)
+        if model.cfg.mode == "text":  # stored once; only rank 0 loads T5, and only for captions not stored yet
+            pl_module.prepare_prompts([c.caption for c in self.captions])
         resolution = pl_module.cfg.data.resolution
         record = evaluate_fid(
-            pl_module.sampling_model(use_ema=True), pl_module.vae, pl_module.text_encoder, self.settings,
+            model, pl_module.vae, pl_module.prompt_encoder, self.settings,
             height=resolution, width=resolution, prediction=pl_module.cfg.diffusion.prediction, captions=self.captions,
             extractor=self._extractor, rank=trainer.global_rank, world_size=trainer.world_size, device=pl_module.device,
-            ids_file=self.out_dir / CAPTION_IDS, progress=self.progress,
+            ids_file=self.out_dir / CAPTION_IDS, precision=trainer.precision, progress=self.progress,
         )
         if record is None:
             return None

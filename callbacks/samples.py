@@ -14,6 +14,8 @@ from pixart_lightning.config import SamplesSection
 from pixart_lightning.generate import save_grid
 from pixart_lightning.parallel import is_sharded
 
+from .steps import step_ended
+
 
 class SampleGrid(L.Callback):
     """One row per guidance scale, one column per prompt (or class label), same seeds every time."""
@@ -25,7 +27,7 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         every = self.cfg.every_n_steps
-        if every and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
+        if every and step_ended(trainer, batch_idx) and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
             self.log_grid(trainer, pl_module, f"step-{trainer.global_step:06d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:

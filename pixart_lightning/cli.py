@@ -10,31 +10,62 @@ OUTPUT_FORMATS = ("native", "official", "diffusers")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from callbacks.checkpoints import DamagedCheckpoints
+
     from .hub import ModelNotAvailableError
     from .runner import RunnerError
 
-    return (ValueError, FileNotFoundError, FileExistsError, ModelNotAvailableError, RunnerError)
+    return (ValueError, FileNotFoundError, FileExistsError, ModelNotAvailableError, RunnerError, DamagedCheckpoints)
 
 
-def _load(args: argparse.Namespace):
-    from .interop import load_model
-
-    options = {k: v for k, v in (("size", args.size), ("num_heads", args.num_heads), ("container", args.container)) if v}
+def _source(args: argparse.Namespace) -> Path:
+    """The checkpoint ``source`` names: a stage folder's final weights (their EMA with --ema), else ``source``."""
     source = Path(args.source)
-    if (source / "final.safetensors").is_file():  # a stage folder: its final weights, or their EMA on request
+    if (source / "final.safetensors").is_file():
         source = source / ("final-ema.safetensors" if args.ema else "final.safetensors")
         if not source.is_file():
             raise FileNotFoundError(f"{source} does not exist (was the stage trained with optim.ema_rate=0?)")
     elif args.ema:
         raise ValueError("--ema picks a stage folder's final-ema.safetensors; give a stage folder, e.g. runs/demo/stage3")
+    return source
+
+
+def _load(args: argparse.Namespace, source: Path):
+    from .interop import load_model
+
+    options = {k: v for k, v in (("size", args.size), ("num_heads", args.num_heads), ("container", args.container)) if v}
     return load_model(source, **options)
 
 
+def _run_manifest(checkpoint: Path) -> dict:
+    """The manifest of the run folder that is or holds ``checkpoint``; {} outside a run folder."""
+    import json
+
+    from .runner import MANIFEST
+
+    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _prediction(chosen: str | None, checkpoint: Path) -> str:
+    """What the model predicts: ``chosen``, else what the checkpoint records, else its run's manifest, else epsilon."""
+    from .interop import read_prediction
+
+    prediction = chosen or read_prediction(checkpoint) or _run_manifest(checkpoint).get("prediction")
+    if prediction is None:
+        print(f"note: {checkpoint} does not record what the model predicts; assuming epsilon "
+              "(pass --prediction v for a model trained with diffusion.prediction=v)", file=sys.stderr)
+        return "epsilon"
+    return prediction
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    model = _load(args)
+    source = _source(args)
+    model = _load(args, source)
     print(f"{args.source}: {model.cfg.mode} mode, {sum(p.numel() for p in model.parameters()):,} parameters")
     for key, value in model.cfg.to_dict().items():
         print(f"  {key:22s} {value}")
+    print(f"  {'prediction':22s} {_prediction(None, source)}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -42,11 +73,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     from .interop import export_diffusers, save_weights, to_official
 
-    model = _load(args)
+    source = _source(args)
+    model = _load(args, source)
     out = Path(args.out)
     fmt = args.to or ("native" if out.suffix == ".safetensors" else "official" if out.suffix in (".pt", ".pth") else "diffusers")
     if fmt == "native":
-        save_weights(model, out)
+        save_weights(model, out, _prediction(args.prediction, source))
     elif fmt == "official":
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": to_official(model)}, out)
@@ -59,16 +91,21 @@ def cmd_reparam(args: argparse.Namespace) -> None:
     from .interop import save_weights
     from .models import class_to_text
 
-    model = class_to_text(_load(args), caption_channels=args.caption_channels, t=args.t, t_block_init=args.t_block_init)
-    save_weights(model, args.out)
+    source = _source(args)
+    model = class_to_text(_load(args, source), caption_channels=args.caption_channels, t=args.t,
+                          t_block_init=args.t_block_init)
+    save_weights(model, args.out, _prediction(args.prediction, source))
     print(f"wrote the text-mode model to {args.out} (equal to the class model at t={args.t}, label left out)")
 
 
 def cmd_export_pipeline(args: argparse.Namespace) -> None:
     from .interop.pipeline import export_pipeline
 
-    export_pipeline(_load(args), args.out, args.text_encoder, args.vae)
-    print(f"wrote {args.out}: load it with diffusers.PixArtAlphaPipeline.from_pretrained({str(args.out)!r})")
+    source = _source(args)
+    prediction = _prediction(args.prediction, source)
+    export_pipeline(_load(args, source), args.out, args.text_encoder, args.vae, prediction)
+    print(f"wrote {args.out} ({prediction} prediction): load it with "
+          f"diffusers.PixArtAlphaPipeline.from_pretrained({str(args.out)!r})")
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> None:
@@ -79,15 +116,12 @@ def cmd_tiny_models(args: argparse.Namespace) -> None:
 
 
 def _run_artifacts(args: argparse.Namespace):
-    """Model, VAE, text encoder and prediction for --ckpt, defaulted from the run folder's manifest."""
-    import json
-
+    """Model, VAE, text encoder, prediction and resolution for --ckpt, defaulted from the run folder's manifest."""
     from .interop import load_model
-    from .runner import MANIFEST, load_text_encoder, load_vae
+    from .runner import load_text_encoder, load_vae
 
     ckpt = Path(args.ckpt)
-    manifest_path = (ckpt if ckpt.is_dir() else ckpt.parent) / MANIFEST
-    run = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    run = _run_manifest(ckpt)
     if ckpt.is_dir() and (ckpt / "final.safetensors").is_file():
         ckpt = ckpt / ("final-ema.safetensors" if (ckpt / "final-ema.safetensors").is_file() else "final.safetensors")
     elif ckpt.is_dir() and not (ckpt / "config.json").is_file() and list(ckpt.glob("*/final.safetensors")):
@@ -98,7 +132,7 @@ def _run_artifacts(args: argparse.Namespace):
     encoder = load_text_encoder(text_name, run.get("text_max_length", 120), run.get("text_dtype", "fp32")) \
         if model.cfg.mode == "text" else None
     vae = load_vae(args.vae or run.get("vae") or "stabilityai/sd-vae-ft-ema")
-    prediction = args.prediction or run.get("prediction") or "epsilon"
+    prediction = _prediction(args.prediction, ckpt)
     resolution = run.get("resolution") or model.cfg.sample_size * vae.downsample_factor
     return model, vae, encoder, prediction, resolution
 
@@ -167,7 +201,8 @@ def cmd_data_caption(args: argparse.Namespace) -> None:
     rank, world_size = process_rank(args.rank, args.world_size)
     summary = recaption(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, seed_with_caption=not args.no_seed_caption,
-                        dtype=args.dtype, device=args.device, rank=rank, world_size=world_size)
+                        dtype=args.dtype, device=args.device, rank=rank, world_size=world_size,
+                        image_aspect=args.image_aspect)
     print(f"captioned {summary['samples_captioned']} samples in {summary['shards_done']} shards "
           f"({summary['shards_already_done']} done already) -> {args.out}; skipped: {summary['samples_skipped'] or 'none'}")
 
@@ -262,19 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_source(sub.add_parser("info", help="print a checkpoint's config and parameter count"))
     p.set_defaults(func=cmd_info)
 
-    p = with_source(sub.add_parser("convert", help="convert weights between formats"))
+    def with_prediction(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--prediction", choices=("epsilon", "v"), help="what the model predicts (default: what its "
+                       "weights record, else its run folder's manifest.json, else epsilon)")
+        return p
+
+    p = with_prediction(with_source(sub.add_parser("convert", help="convert weights between formats")))
     p.add_argument("out", help="output file or folder")
     p.add_argument("--to", choices=OUTPUT_FORMATS, help="default: from OUT (.safetensors native, .pt/.pth official, else diffusers)")
     p.set_defaults(func=cmd_convert)
 
-    p = with_source(sub.add_parser("reparam", help="stage 1 -> 2: class-mode DiT to adaLN-single text model"))
+    p = sub.add_parser("reparam", help="stage 1 -> 2: class-mode DiT to adaLN-single text model")
+    p = with_prediction(with_source(p))
     p.add_argument("out", help="output .safetensors")
     p.add_argument("--caption-channels", type=int, default=4096, help="caption feature width (T5-XXL: 4096)")
     p.add_argument("--t", type=int, default=500, help="timestep at which the two models agree")
     p.add_argument("--t-block-init", choices=("mean", "random"), default="mean")
     p.set_defaults(func=cmd_reparam)
 
-    p = with_source(sub.add_parser("export-pipeline", help="write a diffusers PixArtAlphaPipeline folder"))
+    p = with_prediction(with_source(sub.add_parser("export-pipeline", help="write a diffusers PixArtAlphaPipeline")))
     p.add_argument("out", help="output folder")
     p.add_argument("--text-encoder", required=True, help="T5 hub id or local folder")
     p.add_argument("--vae", required=True, help="VAE hub id or local folder")
@@ -289,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "or any checkpoint `info` reads; a run folder supplies the encoder, VAE and resolution")
         p.add_argument("--text-encoder", help="T5 hub id or folder (default: the run's, else DeepFloyd/t5-v1_1-xxl)")
         p.add_argument("--vae", help="VAE hub id or folder, or 'pixel' (default: the run's, else sd-vae-ft-ema)")
-        p.add_argument("--prediction", choices=("epsilon", "v"), help="default: the run's, else epsilon")
+        with_prediction(p)
         p.add_argument("--steps", type=int, help="sampler steps (default: 20 for dpm++, 100 for ancestral)")
         p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
         p.add_argument("--height", type=int, help="pixels (default: the run's resolution)")
@@ -356,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-seed-caption", action="store_true", help="do not show the model the original caption")
+    p.add_argument("--image-aspect", choices=("pad", "crop"), default="pad",
+                   help="pad: the whole image on a square of the processor's mean colour (PixArt-α, LLaVA's 'pad'); "
+                   "crop: the processor's centre crop, which loses the sides of wide images")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) or a torch dtype name")
     p.add_argument("--device", help="default: this process's GPU ($LOCAL_RANK or $SLURM_LOCALID) if any, else cpu")
     p.add_argument("--rank", type=int, help="this process (default: $RANK or $SLURM_PROCID, else 0)")

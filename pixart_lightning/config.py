@@ -20,21 +20,37 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from .diffusion.gaussian_diffusion import PREDICTIONS
 from .diffusion.sampling import SAMPLERS
-from .models.config import MODEL_SIZES, PixArtConfig
+from .models.config import MODEL_SIZES, PixArtConfig, official_interpolation_scale
+from .models.pixart import ATTENTION_BACKENDS
 
 STAGES = (1, 2, 3)
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+PRECISIONS = ("32", "bf16-mixed")
 STRATEGIES = ("auto", "ddp", "fsdp")
 SHARDINGS = ("full", "grad_op", "hybrid")
 EXTRACTORS = ("inception", "tiny")
 INCEPTION_SIZE = 299
-FSDP_PRECISIONS = ("32", "bf16-mixed")  # 16-mixed needs a gradient scaler, which FSDP2 here does not use
+FP16_REFUSED = ("train.precision='16-mixed' is not supported: its loss scaler hands scaled gradients to the "
+                 "clipping and the non-finite guard (fused AdamW unscales only inside its kernel), so the clip "
+                 "and the skip counts would be wrong; use bf16-mixed (A100, H100 and newer) or 32 (V100)")
 PIXEL_SPACE = "pixel"
 TINY_T5 = "tiny"
 
 
 class ConfigError(ValueError):
     """A config problem found before training starts; the message names the key."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A global batch as ``world_size`` processes train it: micro-batches x accumulation steps per device."""
+
+    micro: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accumulation * self.world_size
 
 
 @dataclass(kw_only=True)
@@ -52,13 +68,19 @@ class ModelSection:
     """Probability of dropping the label (stage 1) or caption (stage 2) for classifier-free guidance; stage 3
     keeps stage 2's."""
     interpolation_scale: float | None = None
-    """Position-embedding scale of a freshly built model; None: resolution / 512 (PixArt-α). A handed-over
-    model keeps its own, rescaled with the resolution."""
+    """Position-embedding scale (PixArt's ``lewei_scale``: grid coordinates are divided by it). None follows the
+    official rule, max(latent side // 64, 1): 1 at 256 and 512 px, 2 at 1024 px (DiT's own table at 256 px).
+    Stage 1 started from ``init_from`` keeps the checkpoint's own scale unless this is set."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
     """``torch.compile`` each transformer block (after FSDP sharding; eager if compilation is unavailable).
     Pays off on GPUs; on CPU it was measured slower (docs/performance.md)."""
+    attention_backend: str = "auto"
+    """Attention kernel: ``auto`` (matmuls on CPU for short sequences, else PyTorch's choice, without cuDNN when
+    captions are masked), or one forced SDPA kernel: ``flash``, ``efficient``, ``cudnn``, ``math`` (an error
+    where it has no kernel for the inputs, e.g. ``flash`` with padded captions on a GPU). A setting of this run,
+    not saved with the weights."""
     init_from: str | None = None
     """Stage 1 only: a DiT / PixArt checkpoint (file or diffusers folder) to start from."""
 
@@ -115,9 +137,18 @@ class DataSection:
     caption_key: str = "txt"
     """Which caption trains the text stages: ``txt`` (the dense caption) or a json field name."""
     batch_size: int = 64
-    """Per device."""
+    """Per-device micro-batch: the most images one device processes in one forward/backward pass."""
+    global_batch_size: int | None = None
+    """Images per optimizer step over all devices (the paper states its batches this way). The runner splits it
+    into per-device micro-batches of at most ``batch_size`` and gradient accumulation, from the world size, so
+    8 GPUs and 64 GPUs train the same recipe. None: ``batch_size`` x world size, no accumulation."""
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    """Most samples a worker holds back for shuffling (an upper bound beside ``shuffle_buffer_mb``)."""
+    shuffle_buffer_mb: float = 512.0
+    """Most decoded data (MiB of tensors and images) a worker's shuffle buffer holds: each worker of each rank has
+    one, so a node holds about workers x GPUs x this. At T5-XXL's 120 x 4096 bf16 features (about 1 MB a
+    sample) 512 MiB is about 500 samples."""
     seed: int = 0
     max_bad_fraction: float = 0.05
     """Stop with a report when more than this share of the samples read is bad (undecodable, no caption, ...);
@@ -128,7 +159,8 @@ class DataSection:
 class OptimSection:
     lr: float = 2e-5
     scale_lr: bool = False
-    """Multiply ``lr`` by sqrt(global batch / 256), as PixArt-α's auto-LR."""
+    """Multiply ``lr`` by sqrt(global batch / 256), as the official PixArt-α configs' ``auto_lr`` does (×6.7 at
+    stage 2's 11,392); the paper states a plain 2e-5."""
     weight_decay: float = 0.03
     eps: float = 1e-10
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -137,13 +169,17 @@ class OptimSection:
     """Max gradient norm; 0 turns clipping off."""
     ema_rate: float = 0.9999
     """EMA of the weights, kept in fp32 outside the optimizer; 0 turns it off."""
+    ema_warmup: bool = False
+    """Warm the EMA rate up as min(ema_rate, (1 + n) / (10 + n)) over the stage's n updates, so a short run
+    forgets its starting weights; False keeps the rate constant, as the official code does."""
 
 
 @dataclass(kw_only=True)
 class TrainSection:
     max_steps: int = 1000
     precision: str = "bf16-mixed"
-    """``bf16-mixed`` keeps fp32 master weights (with FSDP: sharded fp32 weights, bf16 all-gathers)."""
+    """``bf16-mixed`` keeps fp32 master weights (with FSDP: sharded fp32 weights, bf16 all-gathers), or ``32``.
+    ``16-mixed`` is refused: its loss scaling does not fit the clipping and the non-finite guard."""
     accelerator: str = "auto"
     devices: int = 1
     """Processes (GPUs) per node."""
@@ -188,6 +224,9 @@ class SamplesSection:
     use_ema: bool = True
     scale: int = 1
     """Enlarge the saved PNG grid (nearest neighbour) for tiny demo images."""
+    decode_batch: int = 8
+    """Images the VAE decodes at once (also for the alignment eval); 0: all of a batch. One full-size activation of
+    the SD VAE's decoder (128 channels) takes 0.5 GB per 1024-px image in fp32."""
 
 
 @dataclass(kw_only=True)
@@ -225,6 +264,9 @@ class FIDSection:
     """``inception-2015-12-05.pt`` or its folder; empty: ~/.cache/pixart-lightning/ or clean-fid's /tmp copy."""
     resize: int = INCEPTION_SIZE
     batch_size: int = 32
+    decode_batch: int = 8
+    """Images the VAE decodes at once; 0: the whole ``batch_size``. One full-size activation of the SD VAE's decoder
+    (128 channels) takes 0.5 GB per 1024-px image in fp32: 17 GB for a batch of 32 at once."""
     sampler: str = "dpm++"
     steps: int = 20
     cfg_scale: float = 4.5
@@ -247,6 +289,8 @@ class FIDSection:
                 found.append(f"{prefix}.{name}={getattr(self, name)}: must be at least {least}")
         if self.every_n_steps < 0:
             found.append(f"{prefix}.every_n_steps={self.every_n_steps}: must be 0 (end of stage only) or positive")
+        if self.decode_batch < 0:
+            found.append(f"{prefix}.decode_batch={self.decode_batch}: must be 0 (the whole batch) or positive")
         if self.reference_count == 1 or self.reference_count < 0:
             found.append(f"{prefix}.reference_count={self.reference_count}: must be 0 (all images) or at least 2")
         if self.extractor == "inception" and self.resize != INCEPTION_SIZE:
@@ -289,15 +333,36 @@ class StageConfig:
     def text_mode(self) -> bool:
         return self.stage >= 2
 
+    @property
+    def world_size(self) -> int:
+        return self.train.devices * self.train.num_nodes
+
+    def batch_plan(self) -> BatchPlan:
+        """How the global batch is split over this config's devices; raises ConfigError when it cannot be."""
+        d, world = self.data, self.world_size
+        if d.global_batch_size is None:
+            return BatchPlan(micro=d.batch_size, accumulation=1, world_size=world)
+        if d.global_batch_size % world:
+            lower, upper = d.global_batch_size // world * world, -(-d.global_batch_size // world) * world
+            raise ConfigError(
+                f"data.global_batch_size={d.global_batch_size} is not divisible by the {world} processes "
+                f"(train.devices={self.train.devices} x train.num_nodes={self.train.num_nodes}); use a multiple of "
+                f"{world}, e.g. {lower or upper} or {upper}")
+        per_device = d.global_batch_size // world
+        # The fewest accumulation steps whose micro-batch divides the per-device share and fits in batch_size.
+        accumulation = next(a for a in range(1, per_device + 1) if per_device % a == 0 and per_device // a <= d.batch_size)
+        return BatchPlan(micro=per_device // accumulation, accumulation=accumulation, world_size=world)
+
     def pixart_config(self, **extra: Any) -> PixArtConfig:
         """The backbone config this stage trains (before any handoff changes)."""
         m = self.model
         overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(m, k)}
-        scale = m.interpolation_scale or self.data.resolution / 512
+        sample_size = self.data.resolution // self.latent_factor
+        scale = m.interpolation_scale or official_interpolation_scale(sample_size)
         fields: dict[str, Any] = dict(
             learn_sigma=m.learn_sigma,
             class_dropout_prob=m.class_dropout_prob,
-            sample_size=self.data.resolution // self.latent_factor,
+            sample_size=sample_size,
             interpolation_scale=scale,
             mode="text" if self.text_mode else "class",
             num_classes=m.num_classes,
@@ -320,9 +385,13 @@ def validate(cfg: StageConfig) -> StageConfig:
     _choices_check(problems, "model.size", cfg.model.size, tuple(MODEL_SIZES))
     _choices_check(problems, "diffusion.prediction", cfg.diffusion.prediction, PREDICTIONS)
     _choices_check(problems, "samples.sampler", cfg.samples.sampler, SAMPLERS)
-    _choices_check(problems, "train.precision", cfg.train.precision, PRECISIONS)
+    if cfg.train.precision in ("16-mixed", "16"):
+        problems.append(FP16_REFUSED)
+    else:
+        _choices_check(problems, "train.precision", cfg.train.precision, PRECISIONS)
     _choices_check(problems, "train.strategy", cfg.train.strategy, STRATEGIES)
     _choices_check(problems, "train.sharding", cfg.train.sharding, SHARDINGS)
+    _choices_check(problems, "model.attention_backend", cfg.model.attention_backend, ATTENTION_BACKENDS)
     problems += cfg.fid.problems()
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         problems.append(f"data.max_bad_fraction={cfg.data.max_bad_fraction}: must be in [0, 1]")
@@ -332,8 +401,6 @@ def validate(cfg: StageConfig) -> StageConfig:
         problems.append(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}: must be at least 1")
     if cfg.train.devices < 1 or cfg.train.num_nodes < 1:
         problems.append("train.devices and train.num_nodes must be at least 1")
-    if cfg.train.strategy == "fsdp" and cfg.train.precision not in FSDP_PRECISIONS:
-        problems.append(f"train.precision={cfg.train.precision!r} with FSDP: valid choices are {', '.join(FSDP_PRECISIONS)}")
     if cfg.train.sharding == "hybrid" and cfg.train.strategy == "fsdp" and cfg.train.num_nodes < 2:
         problems.append("train.sharding=hybrid replicates across nodes: it needs train.num_nodes >= 2")
     _choices_check(problems, "text_encoder.dtype", cfg.text_encoder.dtype, ("fp32", "bf16", "fp16"))
@@ -349,6 +416,15 @@ def validate(cfg: StageConfig) -> StageConfig:
         problems.append(f"optim.ema_rate={cfg.optim.ema_rate}: must be in [0, 1)")
     if cfg.model.init_from and cfg.stage != 1:
         problems.append("model.init_from is for stage 1; stages 2 and 3 start from the previous stage's weights")
+    if cfg.data.global_batch_size is not None and cfg.data.global_batch_size <= 0:
+        problems.append(f"data.global_batch_size={cfg.data.global_batch_size}: must be positive (or null)")
+    elif cfg.data.batch_size > 0 and cfg.train.devices > 0 and cfg.train.num_nodes > 0:
+        try:
+            cfg.batch_plan()
+        except ConfigError as err:
+            problems.append(str(err))
+    if cfg.model.interpolation_scale is not None and cfg.model.interpolation_scale <= 0:
+        problems.append(f"model.interpolation_scale={cfg.model.interpolation_scale}: must be positive (or null)")
     if cfg.data.min_ratio > cfg.data.max_ratio:
         problems.append(f"data.min_ratio={cfg.data.min_ratio} is above data.max_ratio={cfg.data.max_ratio}")
     bad_labels = [label for label in cfg.samples.labels if not 0 <= label < cfg.model.num_classes]

@@ -9,28 +9,48 @@ from torch import Tensor, nn
 
 from .parallel import local
 
+CHUNK_ELEMENTS = 1 << 26
+"""Parameters are averaged in groups of about this many elements, which bounds the temporary copy an update
+makes (256 MB in fp32) while keeping one fused kernel per group."""
+
 
 class EMA(nn.Module):
     """A frozen fp32 copy of ``model`` that trails it: p_ema ← r·p_ema + (1 − r)·p.
 
-    r warms up as min(rate, (1 + n) / (10 + n)) over the n updates so far, so the average forgets the
-    initial weights within a short run instead of after ~1/(1 − rate) steps (10,000 at 0.9999).
+    The rate r is constant (the official PixArt-α code: 0.9999, an averaging horizon of ~10k steps). With
+    ``warmup``, r grows as min(rate, (1 + n) / (10 + n)) over the n updates so far, so the average forgets the
+    initial weights within a short run instead of after ~1/(1 − rate) steps.
     Being a submodule of the LightningModule, it is saved in (and restored from) every checkpoint
     without the optimizer ever seeing it.
     """
 
-    def __init__(self, model: nn.Module, rate: float):
+    def __init__(self, model: nn.Module, rate: float, warmup: bool = False):
         super().__init__()
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
         self.rate = rate
+        self.warmup = warmup
         self.model = copy.deepcopy(model).float().requires_grad_(False).eval()
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
+        self._groups: list[tuple[list[Tensor], list[Tensor]]] | None = None
 
     def train(self, mode: bool = True) -> EMA:
         """Stay in eval mode (no dropout in the averaged model)."""
         return super().train(False)
+
+    def _parameter_groups(self, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """(EMA tensors, model tensors) in groups of about CHUNK_ELEMENTS; under FSDP both are sharded alike,
+        so this rank's shards pair up. Listed once: the parameter objects stay the same for the whole run."""
+        groups: list[tuple[list[Tensor], list[Tensor]]] = [([], [])]
+        size = 0
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            if size >= CHUNK_ELEMENTS:
+                groups.append(([], []))
+                size = 0
+            groups[-1][0].append(local(ema_p))
+            groups[-1][1].append(local(p))
+            size += local(p).numel()
+        return groups
 
     @torch.no_grad()
     def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
@@ -39,19 +59,24 @@ class EMA(nn.Module):
         Computed on the device without reading any value on the host: ``skip`` (a bool tensor, True after a
         non-finite gradient) zeroes the step's weight and leaves the update count alone.
         """
-        if self._pairs is None:  # the same parameter objects for the whole run (FSDP shards them once, first)
-            # Under FSDP both are sharded alike: average this rank's shards.
-            self._pairs = ([local(p) for p in self.model.parameters()], [local(p) for p in model.parameters()])
-        ema_params, params = self._pairs
-        n = self.updates.float()
-        # 1 - min(rate, (1 + n) / (10 + n)), written so that 1 - rate is not lost to float32 rounding
-        weight = torch.clamp(9.0 / (10.0 + n), min=1.0 - self.rate)
+        if self._groups is None:
+            self._groups = self._parameter_groups(model)
+        weight: float | Tensor = 1.0 - self.rate
+        if self.warmup:  # 1 - min(rate, (1 + n) / (10 + n)), written so that 1 - rate is not lost to rounding
+            weight = torch.clamp(9.0 / (10.0 + self.updates.float()), min=1.0 - self.rate)
         if skip is None:
             self.updates += 1
         else:
-            keep = (~skip).to(weight.dtype)
+            keep = (~skip).float()
             weight = weight * keep
             self.updates += keep.long()
-        # One weight tensor per parameter: a lone tensor weight would be read on the host to pick the
-        # scalar overload (a device sync); the list overload keeps it on the device.
-        torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], [weight] * len(params))
+        for ema_params, params in self._groups:
+            params = [p.detach().float() for p in params]
+            if isinstance(weight, float):  # a host scalar: CUDA's fused multi-tensor lerp
+                torch._foreach_lerp_(ema_params, params, weight)
+                continue
+            # A device weight: lerp's tensor overloads take one weight per parameter and fall off the fused path,
+            # while multiplying a list by one device scalar stays fused. p_ema += w·(p − p_ema); exact no-op at w=0.
+            moved = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(moved, weight)
+            torch._foreach_add_(ema_params, moved)

@@ -7,16 +7,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .data import world
-from .generate import generate
+from .generate import Encoder, generate
 from .models import PixArt
-from .text_encoder import T5TextEncoder
-from .vae import VAE, PixelSpace
+from .vae import VAE, LazyVAE, PixelSpace
 
 
 def alignment(
     model: PixArt,
-    vae: VAE | PixelSpace,
-    encoder: T5TextEncoder | None,
+    vae: VAE | LazyVAE | PixelSpace,
+    encoder: Encoder | None,
     *,
     num: int = 64,
     seed: int = 0,
@@ -27,13 +26,16 @@ def alignment(
     cfg_scale: float = 4.5,
     prediction: str = "epsilon",
     batch_size: int = 32,
+    precision: str = "32",
+    decode_batch: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Fraction of generated images whose shape colour and background colour are as asked.
 
     Prompts are single-shape scenes whose wording is held out of every training set. A text model
     gets the dense caption; a class model (stage 1) gets the scene's class label, which names the
-    shape colour but not the background, so for it only ``shape`` is meaningful.
+    shape colour but not the background, so for it only ``shape`` is meaningful. ``precision`` and ``decode_batch``
+    are :func:`~pixart_lightning.generate.generate`'s.
     """
     scenes = world.alignment_prompts(num, seed)
     hits = {"both": 0, "background": 0, "shape": 0}
@@ -45,7 +47,8 @@ def alignment(
         else:
             inputs = {"labels": [world.class_label(scene) for _, scene in chunk]}
         images = generate(model, vae, **inputs, height=height, width=width, sampler=sampler, steps=steps,
-                          cfg_scale=cfg_scale, seed=seed + start, prediction=prediction)
+                          cfg_scale=cfg_scale, seed=seed + start, prediction=prediction, precision=precision,
+                          decode_batch=decode_batch)
         for (caption, scene), image in zip(chunk, images):
             found = world.detect(image.permute(1, 2, 0).numpy())
             bg_ok = found.background == scene.background

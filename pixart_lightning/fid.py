@@ -6,9 +6,9 @@ The protocol, pinned so that two numbers are comparable:
   ``captions_val2014.json``, a ``.txt`` with one per line, or by default the captions of the reference
   images themselves); when it holds more than ``num_images``, ``seed`` draws the subset (MS-COCO-30K) and
   the chosen ids are written beside the results;
-- **generation**: the configured sampler, steps and guidance; captions are cut into chunks of
-  ``batch_size``, chunk ``c`` is generated with seed ``seed + c`` by rank ``c % world_size``, so the
-  images do not depend on the number of processes;
+- **generation**: the configured sampler, steps and guidance, under the training precision (recorded); captions
+  are cut into chunks of ``batch_size``, chunk ``c`` is generated with seed ``seed + c`` by rank ``c % world_size``,
+  so the images do not depend on the number of processes;
 - **resize**: every image, real or generated, is centre-cropped to a square and resized to ``resize``
   (299) with clean-fid's "clean" resizer (PIL bicubic on float channels, no quantisation);
 - **features**: clean-fid's Inception-v3 (TorchScript ``inception-2015-12-05.pt`` from a local file,
@@ -49,11 +49,10 @@ from .config import FIDSection
 from .data.samples import IMAGE_EXTENSIONS, caption_text, image_member, open_image, sample_meta
 from .data.shards import folder_samples, resolve_sources
 from .files import sha256, write_json_atomic
-from .generate import generate
+from .generate import Encoder, generate
 from .models import PixArt
 from .parallel import is_sharded
-from .text_encoder import T5TextEncoder
-from .vae import VAE, PixelSpace
+from .vae import VAE, LazyVAE, PixelSpace
 
 log = logging.getLogger(__name__)
 
@@ -404,14 +403,15 @@ def rank_chunks(num: int, batch_size: int, rank: int, world_size: int) -> list[r
 
 
 def generated_moments(
-    model: PixArt, vae: VAE | PixelSpace, encoder: T5TextEncoder | None, settings: FIDSection,
+    model: PixArt, vae: VAE | LazyVAE | PixelSpace, encoder: Encoder | None, settings: FIDSection,
     captions: Sequence[Caption], extractor: FeatureExtractor, *, height: int, width: int, prediction: str = "epsilon",
-    rank: int = 0, world_size: int = 1, progress: bool = False,
+    rank: int = 0, world_size: int = 1, precision: str = "32", progress: bool = False,
 ) -> Moments:
     """Feature moments of this rank's share of the images (sum them over ranks for the whole set).
 
     Under FSDP every rank must join every forward pass, so ranks with one chunk fewer generate a
-    throw-away chunk to keep step with the others.
+    throw-away chunk to keep step with the others. ``precision``: the training precision, generated under
+    (:func:`~pixart_lightning.generate.generate`).
     """
     text = model.cfg.mode == "text"
     if text and not all(c.caption for c in captions):
@@ -430,7 +430,8 @@ def generated_moments(
                   else {"labels": [int(c.label) for c in part]})
         images = generate(model, vae, **inputs, height=height, width=width, sampler=settings.sampler,
                           steps=settings.steps, cfg_scale=settings.cfg_scale, prediction=prediction,
-                          seed=settings.seed + (chunk.start // settings.batch_size if chunk is not None else 0))
+                          seed=settings.seed + (chunk.start // settings.batch_size if chunk is not None else 0),
+                          precision=precision, decode_batch=settings.decode_batch)
         if chunk is not None:
             moments.add(extractor(images))
     return moments
@@ -445,10 +446,11 @@ def _process_group(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def evaluate_fid(
-    model: PixArt, vae: VAE | PixelSpace, encoder: T5TextEncoder | None, settings: FIDSection, *,
+    model: PixArt, vae: VAE | LazyVAE | PixelSpace, encoder: Encoder | None, settings: FIDSection, *,
     height: int, width: int, prediction: str = "epsilon", captions: Sequence[Caption] | None = None,
     extractor: FeatureExtractor | None = None, rank: int | None = None, world_size: int | None = None,
-    device: torch.device | str | None = None, ids_file: str | os.PathLike | None = None, progress: bool = False,
+    device: torch.device | str | None = None, ids_file: str | os.PathLike | None = None, precision: str = "32",
+    progress: bool = False,
 ) -> dict[str, Any] | None:
     """FID of ``model``'s images for the pinned captions: the record on rank 0, None on the others.
 
@@ -471,7 +473,8 @@ def evaluate_fid(
     setup_s = time.time() - started
     was_training = model.training
     moments = generated_moments(model, vae, encoder, settings, captions, extractor, height=height, width=width,
-                                prediction=prediction, rank=rank, world_size=world_size, progress=progress)
+                                prediction=prediction, rank=rank, world_size=world_size, precision=precision,
+                                progress=progress)
     model.train(was_training)
     if world_size > 1:
         moments.all_reduce(device)
@@ -489,7 +492,7 @@ def evaluate_fid(
                      "ids_file": str(ids_file) if ids_file else None},
         "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
         "height": height, "width": width, "prediction": prediction, "batch_size": settings.batch_size,
-        "seed": settings.seed, "mode": model.cfg.mode,
+        "seed": settings.seed, "mode": model.cfg.mode, "precision": precision,
         "extractor": {"name": extractor.name, "identity": extractor.identity, "dim": extractor.dim},
         "resize": {"size": extractor.resize, "method": RESIZE_METHOD},
         "reference": {"source": settings.reference, "count": reference.count, "cache": str(reference.cache)},

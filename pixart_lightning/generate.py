@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,12 +12,63 @@ from torch import Tensor
 
 from .diffusion import sample
 from .models.pixart import PixArt
-from .text_encoder import T5TextEncoder
-from .vae import VAE, PixelSpace
+from .text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
+from .vae import VAE, LazyVAE, PixelSpace
+
+Encoder = T5TextEncoder | LazyTextEncoder | PromptFeatures
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The compute dtype of a Lightning precision: bf16 for ``bf16-mixed``, fp16 for ``16-mixed``, None for fp32."""
+    return AUTOCAST_DTYPES.get(str(precision).split("-")[0])
+
+
+@contextmanager
+def tf32_on_cuda(device: torch.device) -> Iterator[None]:
+    """TF32 for the fp32 matmuls and convolutions on CUDA while generating; the previous settings after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def under_autocast(model: PixArt, dtype: torch.dtype | None, device: torch.device) -> Callable[..., Tensor]:
+    """The backbone as training runs it: under ``dtype`` autocast (none: as it is), its output in fp32 so that the
+    guidance and the solver's arithmetic stay in fp32."""
+    if dtype is None:
+        return model
+
+    def forward(*args, **kwargs) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return model(*args, **kwargs).float()
+
+    return forward
+
+
+def decode(vae: VAE | LazyVAE | PixelSpace, latents: Tensor, batch: int = 0, bf16: bool = False) -> Tensor:
+    """uint8 images (B, 3, H, W) on the CPU, decoded ``batch`` latents at a time (0: all at once).
+
+    ``bf16``: the decoder under bf16 autocast (fine for the SD and SDXL VAEs; fp16 is not offered, it overflows
+    in SDXL's decoder).
+    """
+    if batch < 0:
+        raise ValueError(f"decode_batch={batch}: must be 0 (the whole batch) or positive")
+    images = []
+    for part in latents.split(batch or len(latents)):
+        with torch.autocast(vae.device.type, dtype=torch.bfloat16, enabled=bf16):
+            decoded = vae.decode(part)
+        images.append(((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    return torch.cat(images)
 
 
 def condition(
-    model: PixArt, prompts: Sequence[str] | None, labels: Sequence[int] | None, encoder: T5TextEncoder | None,
+    model: PixArt, prompts: Sequence[str] | None, labels: Sequence[int] | None, encoder: Encoder | None,
     height: int, width: int,
 ) -> dict[str, Tensor]:
     """The model's keyword inputs for a batch: class labels, or caption features, mask and micro-conditions."""
@@ -38,11 +90,11 @@ def condition(
 @torch.no_grad()
 def generate(
     model: PixArt,
-    vae: VAE | PixelSpace,
+    vae: VAE | LazyVAE | PixelSpace,
     *,
     prompts: Sequence[str] | None = None,
     labels: Sequence[int] | None = None,
-    encoder: T5TextEncoder | None = None,
+    encoder: Encoder | None = None,
     height: int = 256,
     width: int = 256,
     sampler: str = "dpm++",
@@ -51,8 +103,16 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     prediction: str = "epsilon",
+    precision: str = "32",
+    decode_batch: int = 0,
 ) -> Tensor:
-    """Sample images (B, 3, H, W) as uint8; one per prompt or label."""
+    """Sample images (B, 3, H, W) as uint8; one per prompt or label.
+
+    ``precision`` (a Lightning precision, e.g. the trainer's) is the one training runs under, so that an EMA model
+    generates alike whether it is sharded (FSDP computes in bf16 under ``bf16-mixed``) or not: the backbone under
+    bf16 or fp16 autocast for the mixed precisions, the VAE decoder under bf16 autocast for ``bf16-mixed`` (fp32
+    otherwise), and fp32 matmuls as TF32 on CUDA. ``decode_batch`` bounds the images decoded at once (0: all).
+    """
     factor = vae.downsample_factor
     if height % (factor * model.cfg.patch_size) or width % (factor * model.cfg.patch_size):
         raise ValueError(f"height and width must be multiples of {factor * model.cfg.patch_size} (VAE factor x patch)")
@@ -62,11 +122,12 @@ def generate(
     batch = kwargs["y"].shape[0]
     shape = (batch, model.cfg.in_channels, height // factor, width // factor)
     generator = torch.Generator().manual_seed(seed)
-    latents = sample(model.eval(), shape, kwargs, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                     generator=generator, device=device, progress=progress, learn_sigma=model.cfg.learn_sigma,
-                     prediction=prediction)
-    images = vae.decode(latents.to(vae.device, vae.dtype))
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    dtype = autocast_dtype(precision)
+    with tf32_on_cuda(device):
+        latents = sample(under_autocast(model.eval(), dtype, device), shape, kwargs, sampler=sampler, steps=steps,
+                         cfg_scale=cfg_scale, generator=generator, device=device, progress=progress,
+                         learn_sigma=model.cfg.learn_sigma, prediction=prediction)
+        return decode(vae, latents, decode_batch, bf16=dtype == torch.bfloat16)
 
 
 def save_grid(images: Tensor, path: str | Path, columns: int | None = None, scale: int = 1) -> Path:

@@ -6,7 +6,8 @@ Why FSDP2 through ``ModelParallelStrategy`` rather than Lightning's ``FSDPStrate
   clipping see ordinary (sharded) tensors of the model's own shapes;
 - ``MixedPrecisionPolicy`` keeps the sharded master weights in fp32, all-gathers them in bf16 and
   reduces gradients in fp32: ``bf16-mixed`` without a bf16 copy of the optimizer state;
-- checkpoints are ``torch.distributed.checkpoint`` folders written by every rank at once;
+- checkpoints are ``torch.distributed.checkpoint`` folders written by every rank at once, each rank hashing its
+  own files as it writes them;
 - it runs on the CPU over gloo, so the sharded path is tested without a GPU (``FSDPStrategy``
   refuses the CPU).
 
@@ -20,22 +21,80 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.tensor import DTensor
 
 from .config import TrainSection
+from .files import FileRecord, HashingWriter, note_written
+
+T = TypeVar("T")
+
+
+def rank_zero_result(compute: Callable[[], T]) -> T | None:
+    """``compute()`` run by global rank 0 alone, its result shared with every rank once torch.distributed is up.
+
+    The runner starts a stage before Lightning creates the process group (in ``trainer.fit``); until then the other
+    ranks get None. They need not wait for rank 0's answer: what rank 0 does with it (refuse to start) ends the job
+    anyway, as Slurm's ``srun --kill-on-bad-exit=1`` and torchrun stop every process when one fails, and Lightning's
+    own launcher starts the other processes only inside ``trainer.fit``.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        result = [compute() if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(result, src=0)
+        return result[0]
+    return compute() if rank_zero_only.rank == 0 else None
+
+
+class _HashingFileSystem(FileSystem):
+    """The local file system of ``torch.distributed.checkpoint``, hashing each file it writes as the bytes go out."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: dict[Path, FileRecord] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with HashingWriter(path) as stream:
+            yield stream
+        self.records[Path(path)] = stream.record
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)
+        self.records[Path(new_path)] = self.records.pop(Path(path))
+
+
+class _HashingCheckpointWriter(FileSystemWriter):
+    """``torch.distributed.checkpoint``'s writer for a folder, keeping the record of each file it writes."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.fs = _HashingFileSystem()
+
+    def records(self) -> dict[str, FileRecord]:
+        """This rank's files, by name within the folder."""
+        return {str(path.relative_to(self.path)): record for path, record in self.fs.records.items()}
 
 
 class ShardedStrategy(ModelParallelStrategy):
-    """FSDP2 over all processes; a sharded checkpoint folder is written beside its name and renamed when
-    every rank has finished, so a crash mid-save leaves the previous checkpoint whole."""
+    """FSDP2 over all processes. A sharded checkpoint folder is written beside its name and renamed when every rank
+    has finished, so a crash mid-save leaves the previous checkpoint whole; each rank hashes its files as it writes
+    them, and rank 0 notes every file's record (``files.note_written``) for the checkpoint index."""
 
     def __init__(self, train: TrainSection):
         super().__init__(data_parallel_size=train.devices * train.num_nodes, tensor_parallel_size=1,
@@ -45,13 +104,12 @@ class ShardedStrategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)  # one file via checkpoint_io
-        path = Path(filepath)
+        path = Path(self.broadcast(filepath))
         tmp = path.with_name(path.name + ".tmp")
         if self.global_rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
         self.barrier("checkpoint tmp cleared")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier("checkpoint written")
+        records = self._gather(self._write_shards(checkpoint, tmp))  # rank 0 has them once every rank has written
         if self.global_rank == 0:
             old = path.with_name(path.name + ".old")
             if path.exists():
@@ -61,15 +119,48 @@ class ShardedStrategy(ModelParallelStrategy):
                 shutil.rmtree(old)
             elif old.exists():
                 old.unlink()
+            for name, record in records.items():
+                note_written(path / name, record)
         self.barrier("checkpoint published")
 
+    def _write_shards(self, checkpoint: dict[str, Any], folder: Path) -> dict[str, FileRecord]:
+        """This rank's shards, and on rank 0 the metadata, in Lightning's layout; the records of the files written."""
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict"),
+                 **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
+        writer = _HashingCheckpointWriter(folder)
+        torch.distributed.checkpoint.save(state, storage_writer=writer)
+        records = writer.records()
+        if self.global_rank == 0:
+            with HashingWriter(folder / _METADATA_FILENAME) as out:
+                torch.save(checkpoint, out)
+            records[_METADATA_FILENAME] = out.record
+        return records
 
-def make_strategy(train: TrainSection) -> str | DDPStrategy | ShardedStrategy:
+    def _gather(self, records: dict[str, FileRecord]) -> dict[str, FileRecord]:
+        """Every rank's records on rank 0 (empty elsewhere)."""
+        everyone = [None] * self.world_size if self.global_rank == 0 else None
+        torch.distributed.gather_object(records, everyone, dst=0)
+        return {name: record for ranks in everyone or [] for name, record in ranks.items()}
+
+
+class DataParallelStrategy(DDPStrategy):
+    """DDP that loads the checkpoint rank 0 chose, as ``ModelParallelStrategy`` does: only rank 0 reads the
+    candidates to check their hashes (``callbacks/checkpoints.latest_good``)."""
+
+    def __init__(self):
+        super().__init__(find_unused_parameters=False, gradient_as_bucket_view=True)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(self.broadcast(checkpoint_path), weights_only)
+
+
+def make_strategy(train: TrainSection) -> str | DataParallelStrategy | ShardedStrategy:
     """The Lightning strategy for ``train.strategy`` (``auto``: DDP when there is more than one process)."""
     if train.strategy == "fsdp":
         return ShardedStrategy(train)
     if train.strategy == "ddp" or train.devices * train.num_nodes > 1:
-        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+        return DataParallelStrategy()
     return "auto"
 
 
@@ -78,13 +169,19 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def shard(model: nn.Module, train: TrainSection, mesh, device_type: str) -> None:
-    """``fully_shard`` every transformer block, then the rest of the model, as ``train.sharding`` says."""
+    """``fully_shard`` every transformer block, then the rest of the model, as ``train.sharding`` says.
+
+    Under ``bf16-mixed`` the weights are gathered in bf16 but the modules' inputs are left as they come
+    (``cast_forward_inputs=False``, the root's too), which is what DDP under autocast computes: the residual stream
+    between blocks, the caption features and the raw micro-condition sizes stay fp32 (bf16 would turn a size of
+    1001 into 1000), and autocast runs the matmuls inside each block in bf16.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if train.sharding == "hybrid":  # replicate across nodes, shard within a node
         mesh = init_device_mesh(device_type, (train.num_nodes, train.devices), mesh_dim_names=("replicate", "shard"))
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
               if train.precision == "bf16-mixed" else MixedPrecisionPolicy())
     reshard = train.sharding != "grad_op"
     for block in model.blocks:

@@ -13,6 +13,7 @@ the same data order; a unit whose parent is missing says which stage to run firs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from callbacks.checkpoints import Checkpoints, latest_good, read_index
@@ -43,13 +44,13 @@ from .data.module import ShardDataModule
 from .data.shards import DataError, data_buckets, read_manifest, resolve_sources
 from .data.synth import synthesize
 from .evaluation import alignment
-from .files import sha256, write_json_atomic
+from .files import atomic_write, note_written, sha256, write_json_atomic
 from .interop import load_weights, save_weights
 from .models import PixArt
-from .parallel import make_strategy
-from .text_encoder import T5TextEncoder
+from .parallel import make_strategy, rank_zero_result
+from .text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
 from .tiny_models import build_tiny_t5
-from .vae import VAE, PixelSpace
+from .vae import VAE, LazyVAE, PixelSpace
 
 FINAL, FINAL_EMA, MANIFEST = "final.safetensors", "final-ema.safetensors", "manifest.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -170,13 +171,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary name and renamed: a crash never leaves half a file."""
+    """Lightning checkpoints written whole or not at all, straight to the file (not through a copy in memory) and
+    hashed as the bytes go out: the checkpoint index records the hash without reading the file again."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        with atomic_write(path) as out:
+            torch.save(checkpoint, out)
+        note_written(path, out.record)
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -204,13 +205,23 @@ def text_encoder_path(cfg: StageConfig) -> str:
     return str(folder)
 
 
-def load_text_encoder(name: str, max_length: int = 120, dtype: str = "fp32") -> T5TextEncoder:
+def load_text_encoder(
+    name: str, max_length: int = 120, dtype: str = "fp32", lazy: bool = False
+) -> T5TextEncoder | LazyTextEncoder:
+    """The T5, or with ``lazy`` a handle that loads it at its first use."""
+    if lazy:
+        return LazyTextEncoder(name, max_length, DTYPES[dtype])
     return T5TextEncoder.from_pretrained(name, max_length=max_length, dtype=DTYPES[dtype])
 
 
-def load_vae(name: str, scale_factor: float = 0.18215, dtype: str = "fp32") -> VAE | PixelSpace:
+def load_vae(
+    name: str, scale_factor: float = 0.18215, dtype: str = "fp32", lazy: bool = False
+) -> VAE | LazyVAE | PixelSpace:
+    """The VAE (nothing to load in pixel space), or with ``lazy`` a handle that loads it at its first use."""
     if name == PIXEL_SPACE:
         return PixelSpace()
+    if lazy:
+        return LazyVAE(name, scale_factor, DTYPES[dtype])
     return VAE.from_pretrained(name, scale_factor=scale_factor, dtype=DTYPES[dtype])
 
 
@@ -266,7 +277,8 @@ def run_unit(
         return
     parent_weights = _parent_weights(unit, parent, folder)
     previous = unit.manifest()
-    parent_sha = sha256(parent_weights) if parent_weights else None  # one read of a possibly large file
+    # Rank 0 reads the (multi-GB) parent once; the other ranks leave the check to it (parallel.rank_zero_result).
+    parent_sha = rank_zero_result(lambda: sha256(parent_weights)) if parent_weights else None
     if previous and parent_sha and previous.get("parent", {}).get("sha256") != parent_sha:
         raise RunnerError(f"{unit.label} was started from a different {parent.label} checkpoint than "
                           f"{parent_weights} holds now; delete {unit.dir} to start it again from the new one")
@@ -277,9 +289,12 @@ def run_unit(
         (unit.dir / "config.yaml").write_text(to_yaml(cfg))
     started = time.time()
 
+    # Both encoders load where they are first used: T5 not at all with caption features in the data (the prompts'
+    # features are then stored once beside the run), the VAE only to decode with latents in the data.
     text_path = text_encoder_path(cfg) if cfg.text_mode else None
-    encoder = load_text_encoder(text_path, cfg.text_encoder.max_length, cfg.text_encoder.dtype) if text_path else None
-    vae = load_vae(cfg.vae.name, cfg.vae.scale_factor)
+    encoder = load_text_encoder(text_path, cfg.text_encoder.max_length, cfg.text_encoder.dtype, lazy=True) \
+        if text_path else None
+    vae = load_vae(cfg.vae.name, cfg.vae.scale_factor, lazy=True)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # the fresh parts of the model
     parent_model = load_weights(parent_weights) if parent_weights else None
     stage_cls = STAGE_MODULES[unit.stage]
@@ -287,7 +302,10 @@ def run_unit(
     granularity = model.cfg.patch_size * vae.downsample_factor
     prepare_data(cfg, granularity)
     check_features(cfg, text_path, model.cfg.patch_size)
-    module = stage_cls(cfg, model, vae, encoder)
+    data = read_manifest(cfg.data.shards)
+    captions_precomputed = encoder is not None and data.get("kind") == "features" and bool(data.get("text_encoder"))
+    prompt_features = PromptFeatures(cfg.run_dir / "prompt-features", encoder) if captions_precomputed else None
+    module = stage_cls(cfg, model, vae, encoder, prompt_features)
 
     manifest = {
         "stage": unit.stage, "phase": unit.phase, "status": "running", "config": str(unit.dir / "config.yaml"),
@@ -295,6 +313,7 @@ def run_unit(
         "text_encoder": text_path, "text_max_length": cfg.text_encoder.max_length,
         "text_dtype": cfg.text_encoder.dtype, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
         "resolution": cfg.data.resolution, "max_steps": cfg.train.max_steps,
+        "batch": dataclasses.asdict(cfg.batch_plan()) | {"global": cfg.batch_plan().global_batch},
         "wall_time_s": previous.get("wall_time_s", 0.0),
     }
     write_json(unit.dir / MANIFEST, manifest)
@@ -305,9 +324,13 @@ def run_unit(
                           f"of processes, or delete {checkpoints.folder} to restart {unit.label}")
     trainer = make_trainer(cfg, unit.dir, checkpoints, callbacks)
     if trainer.is_global_zero:
-        print(f"{unit.label}: {f'resuming from {resume}' if resume else 'training'} -> {unit.dir}", flush=True)
+        batches = cfg.batch_plan()
+        print(f"{unit.label}: {f'resuming from {resume}' if resume else 'training'} -> {unit.dir}\n"
+              f"  global batch {batches.global_batch} = micro-batch {batches.micro} x {batches.accumulation} "
+              f"accumulation step(s) x {batches.world_size} process(es)", flush=True)
     try:
-        datamodule = ShardDataModule(cfg.data, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
+        micro_batches = dataclasses.replace(cfg.data, batch_size=cfg.batch_plan().micro)
+        datamodule = ShardDataModule(micro_batches, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(resume) if resume else None)
     except Preempted as stop:
@@ -329,26 +352,31 @@ def run_unit(
                           "run the same command again to resume it")
     model, ema = module.consolidated()  # collective under FSDP: every rank takes part, rank 0 gets the weights
     if trainer.is_global_zero:
-        _finish(unit, trainer, model, ema, manifest, vae, encoder)
+        _finish(unit, trainer, model, ema, manifest, vae, module.prompt_encoder)
     trainer.strategy.barrier("stage finished")  # no rank starts the next stage before its parent is written
 
 
 def make_trainer(
     cfg: StageConfig, folder: Path, checkpoints: Checkpoints, callbacks: list[L.Callback] | None = None,
-    evaluation: bool = True,
+    evaluation: bool = True, devices: list[int] | None = None,
 ) -> L.Trainer:
     """The stage's Trainer: strategy, precision and the per-step callbacks (checkpoints, preemption,
-    throughput), plus samples and FID when ``evaluation`` (off in benchmarks, which time the step alone)."""
+    throughput), plus samples and FID when ``evaluation`` (off in benchmarks, which time the step alone).
+    ``devices`` picks device indices (a benchmark on one chosen GPU); default: ``train.devices`` of them."""
     # Our own SIGUSR1 handling (callbacks/preemption.py) replaces Lightning's, which saves inside the signal handler.
-    environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    # torchrun inside a Slurm allocation: every child sees the same SLURM_PROCID, so the ranks come from torchrun's
+    # variables (Lightning's own detection order, which a forced SLURMEnvironment would override).
+    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+    environment = [SLURMEnvironment(auto_requeue=False)] if slurm else []
     samples = [SampleGrid(cfg.samples, folder / "samples", cfg.text_mode)] if evaluation else []
     fid = [FIDCallback(cfg.fid, folder, progress=cfg.train.progress_bar)] if evaluation and cfg.fid.enabled else []
     # The bar reads the logged loss on the host: refresh it when there is a new one, not every step.
     progress = [TQDMProgressBar(refresh_rate=cfg.train.log_every)] if cfg.train.progress_bar else []
     return L.Trainer(
-        accelerator=cfg.train.accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
+        accelerator=cfg.train.accelerator, devices=devices or cfg.train.devices, num_nodes=cfg.train.num_nodes,
         strategy=make_strategy(cfg.train), precision=cfg.train.precision,
         max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
+        accumulate_grad_batches=cfg.batch_plan().accumulation,
         logger=TensorBoardLogger(save_dir=str(folder), name="", version="tensorboard"),
         callbacks=[
             checkpoints, *samples, Preemption(checkpoints),
@@ -379,15 +407,16 @@ def _finish(
 ) -> None:
     """Save the handoff weights (plain, unsharded models), score alignment if asked, mark the unit done."""
     cfg = unit.cfg
-    outputs = {"final": save_weights(model, unit.dir / FINAL)}
+    outputs = {"final": save_weights(model, unit.dir / FINAL, cfg.diffusion.prediction)}
     if ema is not None:
-        outputs["ema"] = save_weights(ema, unit.dir / FINAL_EMA)
+        outputs["ema"] = save_weights(ema, unit.dir / FINAL_EMA, cfg.diffusion.prediction)
     manifest["weights"] = {name: {"path": str(p), "sha256": sha256(p)} for name, p in outputs.items()}
     if cfg.eval.alignment_prompts:
         result = alignment(
             ema if cfg.samples.use_ema and ema is not None else model, vae, encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed, height=cfg.data.resolution,
             width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
-            cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction,
+            cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction, precision=trainer.precision,
+            decode_batch=cfg.samples.decode_batch,
         )
         manifest["alignment"] = result
         write_json(unit.dir / "alignment.json", result)

@@ -11,6 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from pixart_lightning.hub import load_pretrained, pipeline_subfolder
+from pixart_lightning.lazy import Lazy
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -128,3 +129,33 @@ class PixelSpace(nn.Module):
 
     def decode(self, latents: Tensor) -> Tensor:
         return latents.clamp(-1.0, 1.0)
+
+
+class LazyVAE(Lazy[VAE]):
+    """A :class:`VAE` loaded at its first encode or decode, its geometry read from the config file alone.
+
+    Training on precomputed latents never encodes (scaling a posterior draw needs the scale factor only), so only a
+    process that decodes (samples, FID, alignment) or trains on images ever holds the weights.
+    """
+
+    def __init__(self, name_or_path: str | os.PathLike = DEFAULT_VAE, scale_factor: float = 0.18215,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.name_or_path = str(name_or_path)
+        self.scale_factor = scale_factor
+        self.dtype = dtype or torch.float32
+        subfolder = pipeline_subfolder(name_or_path, "vae") or ""
+        config = load_pretrained(AutoencoderKL.load_config, self.name_or_path, "VAE config", subfolder=subfolder)
+        self.downsample_factor = 2 ** (len(config["block_out_channels"]) - 1)
+        self.latent_channels = config["latent_channels"]
+
+    def _build(self) -> VAE:
+        return VAE.from_pretrained(self.name_or_path, self.scale_factor, self.dtype, self.device)
+
+    latents_from_posterior = VAE.latents_from_posterior  # reads only ``scale_factor``: no weights needed
+
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.load().encode_posterior(images)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.load().decode(latents)

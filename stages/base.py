@@ -19,13 +19,14 @@ from torch import Tensor
 from pixart_lightning import parallel
 from pixart_lightning.compilation import compile_blocks
 from pixart_lightning.config import StageConfig
+from pixart_lightning.data import world
 from pixart_lightning.data.shards import FILTER_REASONS
 from pixart_lightning.diffusion import create_diffusion
 from pixart_lightning.ema import EMA
 from pixart_lightning.generate import generate
 from pixart_lightning.models import PixArt
-from pixart_lightning.text_encoder import T5TextEncoder
-from pixart_lightning.vae import VAE, PixelSpace
+from pixart_lightning.text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
+from pixart_lightning.vae import VAE, LazyVAE, PixelSpace
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,28 @@ class DiffusionStage(L.LightningModule):
         self,
         cfg: StageConfig,
         model: PixArt,
-        vae: VAE | PixelSpace,
-        text_encoder: T5TextEncoder | None = None,
+        vae: VAE | LazyVAE | PixelSpace,
+        text_encoder: T5TextEncoder | LazyTextEncoder | None = None,
+        prompt_features: PromptFeatures | None = None,
     ):
+        """``prompt_features``: where generation reads its prompts' T5 features (when the data hold caption features,
+        so that T5 is loaded only to encode those prompts); without it, generation encodes with ``text_encoder``."""
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
-        self.ema = EMA(model, cfg.optim.ema_rate) if cfg.optim.ema_rate > 0 else None
+        self.model.attention_backend = cfg.model.attention_backend
+        self.ema = EMA(model, cfg.optim.ema_rate, cfg.optim.ema_warmup) if cfg.optim.ema_rate > 0 else None
         self.diffusion = create_diffusion(learn_sigma=model.cfg.learn_sigma, prediction=cfg.diffusion.prediction)
         # Frozen encoders are not submodules: they must not land in checkpoints or the optimizer.
-        self.frozen = {"vae": vae, "text_encoder": text_encoder}
+        self.frozen = {"vae": vae, "text_encoder": text_encoder, "prompt_features": prompt_features}
         self.skipped: dict[str, int] = {}
         self.samples_read = 0
         self._bad_step: Tensor | None = None  # this step's gradient was not finite (a device bool)
         self._nonfinite: Tensor | None = None  # (total, in a row, longest run since the last check), on the device
         self._nonfinite_reported = 0
         self._params: list[Tensor] | None = None  # the backbone's parameters, listed once (after any sharding)
+        self._micro_batch = 0  # which micro-batch of the optimizer step this is (gradient accumulation)
 
     # ------------------------------------------------------------------ stage hooks
     @classmethod
@@ -75,12 +81,33 @@ class DiffusionStage(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     @property
-    def vae(self) -> VAE | PixelSpace:
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes, as this Trainer runs (micro x accumulation x world)."""
+        world, accumulation = (self.trainer.world_size, self.trainer.accumulate_grad_batches) if self._trainer else (1, 1)
+        return self.cfg.batch_plan().micro * accumulation * world
+
+    @property
+    def vae(self) -> VAE | LazyVAE | PixelSpace:
         return self.frozen["vae"]
 
     @property
-    def text_encoder(self) -> T5TextEncoder | None:
+    def text_encoder(self) -> T5TextEncoder | LazyTextEncoder | None:
         return self.frozen["text_encoder"]
+
+    @property
+    def prompt_encoder(self) -> PromptFeatures | T5TextEncoder | LazyTextEncoder | None:
+        """What generation (samples, FID, alignment) encodes its prompts with."""
+        return self.frozen["prompt_features"] or self.text_encoder
+
+    def prepare_prompts(self, prompts: list[str]) -> None:
+        """Collective: rank 0 stores the features of the prompts not stored yet (loading T5 for them only, then
+        freeing it) while the other ranks wait; after it, every rank reads them and none but rank 0 ever loads T5."""
+        store = self.frozen["prompt_features"]
+        if store is None or not prompts:
+            return
+        if self.global_rank == 0:
+            store.fill(prompts)
+        self.trainer.strategy.barrier("prompt features")
 
     def configure_model(self) -> None:
         """Under FSDP, shard the backbone and its EMA copy block by block (the same mesh, so their shards align);
@@ -107,9 +134,12 @@ class DiffusionStage(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        for module in self.frozen.values():
+        for module in (self.vae, self.text_encoder):
             if module is not None:
                 module.to(self.device)
+        if self.cfg.text_mode:  # the sample grid's and the alignment eval's prompts, in one T5 load at most
+            scenes = world.alignment_prompts(self.cfg.eval.alignment_prompts, self.cfg.eval.seed)
+            self.prepare_prompts([*self.cfg.samples.prompts, *(caption for caption, _ in scenes)])
 
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
         """Move the batch's tensors, and only those (keys and counts stay on the host), without blocking: from
@@ -124,21 +154,23 @@ class DiffusionStage(L.LightningModule):
     def _step_draws(self, shape: tuple[int, ...], *stream: int) -> dict[str, Tensor]:
         """This rank's share of the step's random draws for the global batch: timesteps, noise, caption drops.
 
-        They are a function of (seed, step) only, drawn for all ranks' samples and sliced, so a resumed run
-        draws what an uninterrupted one would have (no RNG state to save), and N processes with batch B
-        train exactly like one process with batch N x B. ``stream`` keys a separate sequence (the
-        posterior draw) that leaves the main one unchanged.
+        They are a function of (seed, step) only, drawn for all micro-batches of all ranks and sliced (micro-batch
+        m of rank r takes slot m x world + r), so a resumed run draws what an uninterrupted one would have (no RNG
+        state to save), and the same global batch trains alike on any split into processes and accumulation
+        steps. ``stream`` keys a separate sequence (the posterior draw) that leaves the main one unchanged.
         """
         # The 0 holds the place of the rank in earlier versions, which keeps single-process draws as they were.
         seed = hash((self.cfg.train.seed, self.global_step, 0, *stream)) % (2**63)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        B, world, rank = shape[0], self.trainer.world_size if self._trainer else 1, self.global_rank
-        mine = slice(rank * B, (rank + 1) * B)
+        world = self.trainer.world_size if self._trainer else 1
+        slots = world * (self.trainer.accumulate_grad_batches if self._trainer else 1)
+        B, slot = shape[0], self._micro_batch * world + self.global_rank
+        mine = slice(slot * B, (slot + 1) * B)
         if stream:
-            return {"noise": torch.randn((B * world, *shape[1:]), device=self.device, generator=gen)[mine]}
-        t = torch.randint(0, self.diffusion.num_timesteps, (B * world,), device=self.device, generator=gen)
-        noise = torch.randn((B * world, *shape[1:]), device=self.device, generator=gen)
-        drop = torch.rand(B * world, device=self.device, generator=gen) < self.model.cfg.class_dropout_prob
+            return {"noise": torch.randn((B * slots, *shape[1:]), device=self.device, generator=gen)[mine]}
+        t = torch.randint(0, self.diffusion.num_timesteps, (B * slots,), device=self.device, generator=gen)
+        noise = torch.randn((B * slots, *shape[1:]), device=self.device, generator=gen)
+        drop = torch.rand(B * slots, device=self.device, generator=gen) < self.model.cfg.class_dropout_prob
         return {"t": t[mine], "noise": noise[mine], "drop": drop[mine]}
 
     def latents(self, batch: dict[str, Any]) -> Tensor:
@@ -149,7 +181,7 @@ class DiffusionStage(L.LightningModule):
         else:
             mean, std = (m.float() for m in self.vae.encode_posterior(batch["pixels"].to(self.device, self.vae.dtype)))
         # Pixel space has no posterior to sample (std 0): no draw on its hot path.
-        sample = self.cfg.vae.sample_posterior and isinstance(self.vae, VAE)
+        sample = self.cfg.vae.sample_posterior and not isinstance(self.vae, PixelSpace)
         noise = self._step_draws(tuple(mean.shape), 1)["noise"] if sample else None
         return self.vae.latents_from_posterior(mean, std, noise)
 
@@ -162,13 +194,18 @@ class DiffusionStage(L.LightningModule):
         kwargs["force_drop_ids"] = draws["drop"].long()
         losses = self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"])
         loss = losses["loss"].mean()
+        self._micro_batch += 1
         if self._logging_step():
             self.log_dict({f"train/{k}": v.mean() for k, v in losses.items()}, on_step=True, batch_size=B)
             self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
         return loss
 
     def _count_samples(self, batch: dict[str, Any]) -> None:
-        """Add up skipped samples; stop with a report when bad ones exceed ``data.max_bad_fraction``."""
+        """Add up skipped samples; stop with a report when bad ones exceed ``data.max_bad_fraction``. Report the
+        batch's data position to the data module, which saves those of the batches trained on in checkpoints."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if "position" in batch and datamodule is not None:
+            datamodule.record_position(batch["position"])
         for reason, n in batch.get("skipped", {}).items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
         self.samples_read += len(batch["key"])
@@ -209,6 +246,7 @@ class DiffusionStage(L.LightningModule):
         before the module's batch-end hook runs, which would leave the saved EMA one update behind).
         After a non-finite gradient neither moves."""
         super().optimizer_step(*args, **kwargs)
+        self._micro_batch = 0
         bad = self._bad_step
         if self.ema is not None:
             self.ema.update(self.model, skip=bad)
@@ -254,8 +292,8 @@ class DiffusionStage(L.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         lr = o.lr
-        if o.scale_lr:  # PixArt-α's auto-LR: sqrt scaling with the global batch
-            lr *= math.sqrt(self.cfg.data.batch_size * self.trainer.world_size / 256)
+        if o.scale_lr:  # the official configs' auto-LR: sqrt scaling with the global batch
+            lr *= math.sqrt(self.global_batch / 256)
         hyper = {"lr": lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
         try:  # one kernel for all parameters, and it can skip a non-finite step on the device
             optimizer = torch.optim.AdamW(self.model.parameters(), fused=True, **hyper)
@@ -297,9 +335,10 @@ class DiffusionStage(L.LightningModule):
         was_training = model.training
         s = self.cfg.samples
         images = generate(
-            model, self.vae, prompts=prompts, labels=labels, encoder=self.text_encoder,
+            model, self.vae, prompts=prompts, labels=labels, encoder=self.prompt_encoder,
             height=height or self.cfg.data.resolution, width=width or self.cfg.data.resolution,
             sampler=s.sampler, steps=s.steps, cfg_scale=cfg_scale, seed=seed, prediction=self.cfg.diffusion.prediction,
+            precision=self.trainer.precision, decode_batch=s.decode_batch,
         )
         model.train(was_training)
         return images

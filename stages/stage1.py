@@ -19,22 +19,30 @@ class PixelDependency(DiffusionStage):
 
     @classmethod
     def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
-        model = PixArt(cfg.pixart_config())
         source = cfg.model.init_from
-        if source:
-            pretrained = load_model(source)
-            if pretrained.cfg.mode != "class":
-                raise IncompatibleCheckpointError(f"{source}: stage 1 starts from a class-conditional (DiT) checkpoint")
-            result = model.load_state_dict(pretrained.state_dict(), strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise IncompatibleCheckpointError(
-                    f"{source} does not fit model.size={cfg.model.size}: missing {result.missing_keys[:5]}, "
-                    f"unexpected {result.unexpected_keys[:5]}"
-                )
+        if not source:
+            return PixArt(cfg.pixart_config())
+        pretrained = load_model(source)
+        if pretrained.cfg.mode != "class":
+            raise IncompatibleCheckpointError(f"{source}: stage 1 starts from a class-conditional (DiT) checkpoint")
+        # The checkpoint's own position table (read off its pos_embed) unless the config names a scale.
+        scale = cfg.model.interpolation_scale or pretrained.cfg.interpolation_scale
+        model = PixArt(cfg.pixart_config(interpolation_scale=scale))
+        result = model.load_state_dict(pretrained.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise IncompatibleCheckpointError(
+                f"{source} does not fit model.size={cfg.model.size}: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
         return model
 
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Check the labels while the batch is on the host, where reading them costs no device sync."""
+        labels, num_classes = batch["label"], self.model.cfg.num_classes
+        if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
+            raise ValueError(f"stage 1 needs class labels in [0, {num_classes}) in every sample (the shards' 'cls' "
+                             f"or json 'label'); got {labels.tolist()}")
+        return batch
+
     def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        labels = batch["label"].to(self.device)
-        if (labels < 0).any() or (labels >= self.model.cfg.num_classes).any():
-            raise ValueError(f"stage 1 needs class labels in [0, {self.model.cfg.num_classes}); got {labels.tolist()}")
-        return {"y": labels}
+        return {"y": batch["label"].to(self.device)}

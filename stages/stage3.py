@@ -13,7 +13,7 @@ from .stage2 import TextAlignment
 
 
 class HighAesthetics(TextAlignment):
-    """Stage 2's model at the new resolution (rescaled positions); micro-conditions when multi-scale."""
+    """Stage 2's model at the new resolution (the config's position scale); micro-conditions when multi-scale."""
 
     @classmethod
     def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
@@ -22,7 +22,8 @@ class HighAesthetics(TextAlignment):
             return PixArt(wanted)
         if parent.cfg.mode != "text":
             raise ValueError("stage 3 starts from stage 2's text-conditional model")
-        return to_resolution(parent, wanted.sample_size, micro_conditions=wanted.micro_conditions)
+        return to_resolution(parent, wanted.sample_size, interpolation_scale=wanted.interpolation_scale,
+                             micro_conditions=wanted.micro_conditions)
 
     def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         kwargs = self.caption_features(batch)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from pixart_lightning.data.synth import synthesize
 from pixart_lightning.models import PixArt, PixArtConfig
 
 
@@ -32,3 +35,12 @@ def tiny_model(**changes) -> PixArt:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def world_shards(tmp_path_factory) -> Path:
+    """A small shapes world in 3 aspect-ratio buckets, 4 shards of 40 samples."""
+    folder = tmp_path_factory.mktemp("shards") / "world"
+    synthesize(folder, count=160, seed=0, resolution=16, buckets=[(16, 16), (16, 32), (32, 16)],
+               samples_per_shard=40, progress=False)
+    return folder

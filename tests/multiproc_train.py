@@ -3,7 +3,7 @@
 Used by tests/test_parallel.py to compare strategies: with N processes each rank trains its 1/N slice of
 the same global batches a single process trains whole, so losses and weights must agree.
 
-    python tests/multiproc_train.py OUT TAG --strategy ddp --devices 2 --steps 4 [--stop-at 2] [--resume CKPT]
+    python tests/multiproc_train.py OUT TAG --strategy ddp --devices 2 --steps 4 [--accumulate 2] [--stop-at 2] [--resume CKPT]
 
 Rank 0 writes OUT/TAG.json (the global loss per step) and OUT/TAG.safetensors + OUT/TAG-ema.safetensors.
 """
@@ -43,15 +43,19 @@ def small_stage2(steps: int, *overrides: str):
 
 
 class GlobalBatches(Dataset):
-    """Batch ``step`` of a fixed sequence of global batches, sliced to this rank's share."""
+    """Batch ``step`` of a fixed sequence of global batches, sliced to this rank's share: with gradient
+    accumulation, item i is micro-batch i % accumulation of step i // accumulation, and micro-batch m of rank r
+    holds slot m x world + r of the global batch (the order the stages draw their noise in)."""
 
-    def __init__(self, first_step: int, steps: int, rank: int, world: int):
+    def __init__(self, first_step: int, steps: int, rank: int, world: int, accumulation: int = 1):
         self.first_step, self.steps, self.rank, self.world = first_step, steps, rank, world
+        self.accumulation = accumulation
 
     def __len__(self) -> int:
-        return self.steps - self.first_step
+        return (self.steps - self.first_step) * self.accumulation
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, index: int) -> dict:
+        i, micro = divmod(index, self.accumulation)
         gen = torch.Generator().manual_seed(1000 + self.first_step + i)
         lengths = torch.randint(3, 9, (GLOBAL_BATCH,), generator=gen)
         batch = {
@@ -61,8 +65,9 @@ class GlobalBatches(Dataset):
             "caption_mask": (torch.arange(8)[None] < lengths[:, None]).long(),
             "key": [f"{self.first_step + i}-{j}" for j in range(GLOBAL_BATCH)],
         }
-        share = GLOBAL_BATCH // self.world
-        mine = slice(self.rank * share, (self.rank + 1) * share)
+        share = GLOBAL_BATCH // (self.world * self.accumulation)
+        slot = micro * self.world + self.rank
+        mine = slice(slot * share, (slot + 1) * share)
         return {k: v[mine] for k, v in batch.items()}
 
 
@@ -73,7 +78,8 @@ class Data(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer  # built after a checkpoint restored the step: continue from there
-        return DataLoader(GlobalBatches(t.global_step, self.steps, t.global_rank, t.world_size), batch_size=None)
+        batches = GlobalBatches(t.global_step, self.steps, t.global_rank, t.world_size, t.accumulate_grad_batches)
+        return DataLoader(batches, batch_size=None)
 
 
 class Record(L.Callback):
@@ -82,9 +88,15 @@ class Record(L.Callback):
     def __init__(self, stop_at: int | None, checkpoint: Path):
         self.losses: list[float] = []
         self.stop_at, self.checkpoint = stop_at, checkpoint
+        self.step_loss = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        # Lightning divides each micro-batch's loss by the accumulation steps: their sum is the step's mean.
+        self.step_loss += float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean"))
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        self.losses.append(self.step_loss)
+        self.step_loss = 0.0
         if trainer.global_step == self.stop_at:
             trainer.save_checkpoint(self.checkpoint)
             trainer.should_stop = True
@@ -97,6 +109,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--accumulate", type=int, default=1, help="split each rank's share into this many micro-batches")
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--sharded-checkpoint", default="true")
@@ -104,7 +117,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_stage(DEMO, 2, [
         "data.shards=unused", "model.depth=2", "model.hidden_size=48", "model.patch_size=2", f"data.resolution={SIDE}",
-        f"data.batch_size={GLOBAL_BATCH // args.devices}", f"train.strategy={args.strategy}",
+        f"data.global_batch_size={GLOBAL_BATCH}", f"data.batch_size={GLOBAL_BATCH // (args.devices * args.accumulate)}",
+        f"train.strategy={args.strategy}",
         f"train.devices={args.devices}", "train.accelerator=cpu", "train.precision=32", f"train.max_steps={args.steps}",
         f"train.sharded_checkpoint={args.sharded_checkpoint}", "optim.warmup_steps=1", "optim.lr=1e-2",
         "optim.grad_clip=0.5", "optim.ema_rate=0.9",
@@ -115,7 +129,7 @@ def main() -> None:
     record = Record(args.stop_at, args.out / f"{args.tag}.ckpt")
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=make_strategy(cfg.train), precision="32",
-        max_steps=args.steps, callbacks=[record], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=args.steps, accumulate_grad_batches=cfg.batch_plan().accumulation, callbacks=[record], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=Data(args.steps), ckpt_path=args.resume)

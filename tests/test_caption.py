@@ -107,6 +107,27 @@ def test_batched_captions_match_one_by_one(tiny_llava: Path) -> None:
     assert all(batched)
 
 
+def test_wide_image_edges_reach_the_model_when_padded_not_when_cropped(tiny_llava: Path) -> None:
+    """A 96x32 image, red | green | blue: padded, LLaVA's input holds both ends between mean-colour bands (which
+    normalise to zero); centre-cropped, the default processor keeps only the green middle."""
+    wide = Image.new("RGB", (96, 32), (0, 255, 0))
+    wide.paste((255, 0, 0), (0, 0, 32, 32))
+    wide.paste((0, 0, 255), (64, 0, 96, 32))
+    red, green, blue = torch.eye(3)
+    views = {}
+    for aspect in ("pad", "crop"):
+        captioner = Captioner(str(tiny_llava), max_new_tokens=1, image_aspect=aspect)
+        pixels = captioner.inputs([wide], [None])["pixel_values"][0]  # (3, 32, 32), normalised
+        stats = captioner.processor.image_processor
+        views[aspect] = (pixels * torch.tensor(stats.image_std)[:, None, None]
+                         + torch.tensor(stats.image_mean)[:, None, None]).permute(1, 2, 0)  # RGB in [0, 1]
+    padded, cropped = views["pad"], views["crop"]
+    assert torch.allclose(padded[16, 1], red, atol=0.05) and torch.allclose(padded[16, 30], blue, atol=0.05)
+    assert torch.allclose(padded[16, 16], green, atol=0.05)
+    assert torch.allclose(padded[[0, 31]], torch.tensor(stats.image_mean).expand(2, 32, 3), atol=1 / 255)
+    assert torch.allclose(cropped, green.expand(32, 32, 3), atol=0.05)
+
+
 def test_samples_keep_their_members_and_gain_a_dense_caption(captioned: tuple[Path, dict]) -> None:
     out, summary = captioned
     assert sorted(p.name for p in out.glob("*.tar")) == list(SHARDS)
@@ -122,7 +143,7 @@ def test_samples_keep_their_members_and_gain_a_dense_caption(captioned: tuple[Pa
 
     assert summary["shards_done"] == 2 and summary["shards_already_done"] == 0
     assert summary["samples_captioned"] == 5 and summary["samples_skipped"] == {"undecodable image": 1}
-    assert summary["tar_errors"] == {}
+    assert summary["tar_errors"] == {} and summary["image_aspect"] == "pad"  # the whole image by default
     assert json.loads((out / "caption-manifest.json").read_text()) == summary
     assert json.loads((out / "manifest.json").read_text()) == {"bucket_counts": {"32x32": 5}}
 

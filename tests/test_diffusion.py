@@ -191,6 +191,23 @@ def test_tables_are_cast_to_input_dtype() -> None:
     assert all(v.dtype == torch.float32 for v in out.values())
 
 
+def test_the_schedule_moves_to_a_device_once_not_per_loss() -> None:
+    """After the first use on a device, losses and ancestral steps make no tensor from host memory (on a GPU,
+    each would be a blocking copy from the host); the gathered values are the float64 tables'."""
+    from tests.test_performance import SyncCounter
+
+    d = create_diffusion(10)
+    x0, t = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.tensor([0, 9])
+    model = FixedOutput(torch.randn_like(x0), torch.zeros_like(x0))
+    d.training_losses(model, x0, t)
+    with SyncCounter() as seen:
+        d.training_losses(model, x0, t)
+        d.p_sample(lambda x, t_model: torch.cat([x, x], dim=1), x0, 5)
+        gathered = d.q_sample(torch.ones_like(x0), t, torch.zeros_like(x0))[:, 0, 0, 0]
+    assert seen.host_data == [] and seen.ops == [], (seen.host_data, seen.ops)
+    assert torch.equal(gathered, torch.from_numpy(d.sqrt_alphas_cumprod[[0, 9]]))
+
+
 # --------------------------------------------------------------------------- training losses
 
 

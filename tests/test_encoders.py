@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from pixart_lightning import hub
 from pixart_lightning.hub import ModelNotAvailableError
-from pixart_lightning.text_encoder import T5TextEncoder
+from pixart_lightning.text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
 from pixart_lightning.tiny_models import (
     build_tiny_models,
     build_tiny_t5,
@@ -17,7 +17,7 @@ from pixart_lightning.tiny_models import (
     shapes_corpus,
     word_level_t5_tokenizer,
 )
-from pixart_lightning.vae import VAE
+from pixart_lightning.vae import VAE, LazyVAE
 
 CAPTION = "a large red circle in the upper left on a white background"
 
@@ -136,6 +136,46 @@ def test_pipeline_folder_layout(tiny, tmp_path):
     features, _ = T5TextEncoder.from_pretrained(tmp_path, max_length=16).encode([CAPTION])
     assert features.shape == (1, 16, 32)
     assert VAE.from_pretrained(tmp_path).encode(_images()).shape == (2, 4, 4, 4)
+
+
+# Lazy T5 and stored prompt features
+
+
+def test_prompt_features_are_t5s_and_t5_loads_only_for_new_prompts(tiny, tmp_path):
+    """Stored features equal T5's; they are encoded in chunks, T5 is freed after, and a second store over the same
+    folder (another process, a resumed run) never loads T5. The folder is keyed by max_length."""
+    captions = [CAPTION, "a small blue square", "a zebra", "", "a large green triangle at the top"]
+    lazy = LazyTextEncoder(tiny["t5"], max_length=16)
+    assert lazy.dim == 32 and not lazy.loaded  # the width comes from the config
+    batches = []
+    lazy.load().model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(len(kwargs["input_ids"])), with_kwargs=True)
+    store = PromptFeatures(tmp_path, lazy, chunk=2)
+    assert store.fill([*captions, CAPTION]) == 5 and batches == [2, 2, 1] and not lazy.loaded
+    again = LazyTextEncoder(tiny["t5"], max_length=16)
+    reader = PromptFeatures(tmp_path, again)
+    features, mask = reader.encode([captions[2], captions[0], captions[3]], trim=True)
+    assert not again.loaded and reader.fill(captions) == 0
+    expected, expected_mask = T5TextEncoder.from_pretrained(tiny["t5"], max_length=16).encode(
+        [captions[2], captions[0], captions[3]], trim=True)
+    assert torch.equal(mask, expected_mask) and features.shape == expected.shape
+    torch.testing.assert_close(features[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert (features[~mask.bool()] == 0).all()
+    assert reader.encode([CAPTION])[0].shape == (1, 16, 32)  # untrimmed: padded to max_length
+    assert PromptFeatures(tmp_path, LazyTextEncoder(tiny["t5"], max_length=8)).missing(captions) == captions
+
+
+def test_lazy_vae_loads_at_its_first_decode(tiny):
+    """Geometry and posterior scaling without weights; decoding loads them and matches the VAE."""
+    lazy = LazyVAE(tiny["vae"])
+    mean, std = torch.randn(2, 4, 4, 4), torch.rand(2, 4, 4, 4)
+    noise = torch.randn(2, 4, 4, 4)
+    assert (lazy.downsample_factor, lazy.latent_channels) == (8, 4)
+    torch.testing.assert_close(lazy.latents_from_posterior(mean, std, noise), (mean + std * noise) * 0.18215)
+    assert not lazy.loaded
+    latents = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(lazy.decode(latents), VAE.from_pretrained(tiny["vae"]).decode(latents))
+    assert lazy.loaded
 
 
 # VAE

@@ -216,7 +216,7 @@ class TinyStage(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.model = tiny_model(mode="class", num_classes=27, in_channels=3)
-        self.vae, self.text_encoder = PixelSpace(), None
+        self.vae, self.prompt_encoder = PixelSpace(), None
         self.cfg = SimpleNamespace(data=SimpleNamespace(resolution=16), diffusion=SimpleNamespace(prediction="epsilon"))
 
     def sampling_model(self, use_ema: bool = True):

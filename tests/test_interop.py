@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from pixart_lightning.cli import main
+from pixart_lightning.generate import generate
 from pixart_lightning.interop import (
     IncompatibleCheckpointError,
     export_diffusers,
@@ -16,12 +23,16 @@ from pixart_lightning.interop import (
     load_diffusers,
     load_model,
     model_from_official,
+    read_prediction,
     read_state_dict,
     save_weights,
     to_official,
 )
 from pixart_lightning.interop.diffusers_keys import pixart_rules, to_theirs
 from pixart_lightning.models import PixArt, PixArtConfig
+from pixart_lightning.text_encoder import T5TextEncoder
+from pixart_lightning.tiny_models import build_tiny_t5, build_tiny_vae
+from pixart_lightning.vae import VAE
 
 # diffusers' PixArt-α converter (scripts/convert_pixart_alpha_to_diffusers.py), transcribed as data
 # for one block: official name -> diffusers names; several names = equal row blocks, in order.
@@ -161,13 +172,73 @@ def test_diffusers_dit_folder_is_refused(tmp_path):
 
 
 def test_native_weights_round_trip(tmp_path):
-    """Our .safetensors keeps the config in its metadata and reloads the exact model."""
+    """Our .safetensors keeps the config and prediction type in its metadata and reloads the exact model."""
     model = tiny_model(learned_null_caption=True)
-    path = save_weights(model, tmp_path / "model.safetensors")
+    path = save_weights(model, tmp_path / "model.safetensors", prediction="v")
     assert not (tmp_path / "model.safetensors.tmp").exists()
     back = load_model(path)
     assert back.cfg == model.cfg
     assert _same_state(back.state_dict(), model.state_dict())
+    assert read_prediction(path) == "v"
+
+
+@pytest.fixture(scope="module")
+def plain_t5_and_vae(tmp_path_factory):
+    """The tiny T5 without its position code (diffusers' pipeline cannot add one) and the tiny VAE."""
+    folder = tmp_path_factory.mktemp("plain")
+    return build_tiny_t5(folder / "t5", position_code=False), build_tiny_vae(folder / "vae")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_exported_pipeline_and_sample_draw_what_the_model_was_trained_for(tmp_path, plain_t5_and_vae, prediction):
+    """Weights record their prediction type; `export-pipeline` and `sample`, told nothing, both use it.
+
+    Without guidance (diffusers' negative prompt is T5(""), ours the null caption) the pipeline draws the image
+    our sampler draws for the same seed, to one level of rounding; read as the other type, pixels differ by 100+.
+    """
+    from diffusers import PixArtAlphaPipeline
+
+    t5, vae = plain_t5_and_vae
+    model = tiny_model(caption_channels=32, sample_size=4)
+    weights = save_weights(model, tmp_path / "final.safetensors", prediction)
+    prompt, seed, steps = "a red circle", 3, 5
+    expected = generate(model, VAE.from_pretrained(vae), prompts=[prompt], encoder=T5TextEncoder.from_pretrained(t5),
+                        height=32, width=32, steps=steps, cfg_scale=1.0, seed=seed, prediction=prediction)[0]
+    expected = expected.permute(1, 2, 0).float()
+
+    parts = ["--text-encoder", str(t5), "--vae", str(vae)]
+    assert main(["export-pipeline", str(weights), str(tmp_path / "pipe"), *parts]) == 0
+    assert read_prediction(tmp_path / "pipe") == prediction
+    pipe = PixArtAlphaPipeline.from_pretrained(tmp_path / "pipe")
+    theirs = pipe(prompt, height=32, width=32, num_inference_steps=steps, guidance_scale=1.0, output_type="pt",
+                  use_resolution_binning=False, clean_caption=False, generator=torch.Generator().manual_seed(seed))
+    assert (theirs.images[0].permute(1, 2, 0) * 255 - expected).abs().max() <= 1.0
+
+    assert main(["sample", "--ckpt", str(weights), "--prompt", prompt, *parts, "--height", "32", "--width", "32",
+                 "--num", "1", "--steps", str(steps), "--cfg", "1", "--seed", str(seed), "--out", str(tmp_path)]) == 0
+    assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "000-00.png"))).float(), expected)
+
+
+def test_weights_without_a_prediction_type_fall_back_to_the_run_manifest_then_epsilon(tmp_path, capsys):
+    """Files written before the field existed: the run folder's manifest says, else epsilon with a note."""
+    recorded = save_weights(tiny_model(), tmp_path / "run" / "new.safetensors", "v")
+    with safe_open(recorded, framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = {k: v for k, v in f.metadata().items() if k != "prediction"}
+    old = tmp_path / "run" / "final.safetensors"
+    save_file(tensors, old, metadata=metadata)
+
+    assert main(["info", str(old)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].split() == ["prediction", "epsilon"]
+    assert "does not record what the model predicts; assuming epsilon" in err
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"prediction": "v"}))
+    assert main(["info", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].split() == ["prediction", "v"] and "note" not in err
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"prediction": "epsilon"}))
+    assert main(["info", str(recorded)]) == 0  # what the weights record outranks the manifest
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["prediction", "v"]
 
 
 def test_meta_built_xl_exports_keys_diffusers_expects():

@@ -16,15 +16,6 @@ from torch.utils.data import DataLoader
 from pixart_lightning.config import DataSection
 from pixart_lightning.data.features import FEATURES_KEY, encode_features
 from pixart_lightning.data.shards import DataError, ShardStream
-from pixart_lightning.data.synth import synthesize
-
-
-@pytest.fixture(scope="module")
-def world_shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards") / "world"
-    synthesize(folder, count=160, seed=0, resolution=16, buckets=[(16, 16), (16, 32), (32, 16)],
-               samples_per_shard=40, progress=False)
-    return folder
 
 
 def spec(shards, **changes) -> DataSection:

@@ -4,6 +4,9 @@ Why: alt-text captions are short and often unrelated to the picture; PixArt-α a
 efficiency to captions that describe the image in detail, written by LLaVA with the prompt
 "Describe this image and its style in a very detailed manner." When the sample already has a caption it is passed
 to the model as a hint (``seed_with_caption``), which keeps proper names and subjects the image alone cannot give.
+Images are padded to a square of the processor's mean colour before LLaVA sees them, as the official PixArt-α
+captioning does (LLaVA's "pad" aspect mode): the processor's own resize-and-centre-crop would leave the sides of
+wide images (and the top and bottom of tall ones) uncaptioned. ``image_aspect="crop"`` keeps the processor's crop.
 
 How: each input shard becomes an output shard of the same name whose samples keep every original member
 byte-for-byte and gain ``dense.txt`` (train on it with the reader's caption key). Shard ``i`` belongs to rank
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, BatchFeature, LlavaForConditionalGeneration
 from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
@@ -44,6 +47,7 @@ DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
 DENSE_KEY = "dense.txt"
 PROMPT = "Describe this image and its style in a very detailed manner."
 SEEDED_PROMPT = 'Given the caption of this image "{caption}", describe this image and its style in a very detailed manner.'
+IMAGE_ASPECTS = ("pad", "crop")
 
 
 def caption_prompt(caption: str | None = None) -> str:
@@ -52,15 +56,35 @@ def caption_prompt(caption: str | None = None) -> str:
     return SEEDED_PROMPT.format(caption=caption) if caption else PROMPT
 
 
-class Captioner:
-    """A LLaVA model and its processor that turn a batch of images (and optional captions) into dense captions."""
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """``image`` centred on a square canvas of colour ``fill``, its longer side the square's side."""
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
 
-    def __init__(self, name_or_path: str, max_new_tokens: int, dtype: str = "auto", device: str | None = None):
+
+class Captioner:
+    """A LLaVA model and its processor that turn a batch of images (and optional captions) into dense captions.
+
+    ``image_aspect`` is ``pad`` (square canvas of the processor's mean colour, the whole image seen) or ``crop``
+    (the processor's centre crop).
+    """
+
+    def __init__(
+        self, name_or_path: str, max_new_tokens: int, dtype: str = "auto", device: str | None = None,
+        image_aspect: str = "pad",
+    ):
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect={image_aspect!r}: choose one of {', '.join(IMAGE_ASPECTS)}")
+        self.image_aspect = image_aspect
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _torch_dtype(dtype, self.device)
         self.max_new_tokens = max_new_tokens
         self.processor = load_pretrained(AutoProcessor.from_pretrained, name_or_path, "LLaVA processor")
         self.processor.tokenizer.padding_side = "left"  # generation appends to the right end of every row
+        # The image mean as 8-bit RGB (truncated, as LLaVA does): the padding normalises to about zero.
+        self.pad_colour = tuple(int(255 * channel) for channel in self.processor.image_processor.image_mean)
         model = load_pretrained(
             LlavaForConditionalGeneration.from_pretrained, name_or_path, "LLaVA captioner", dtype=self.dtype
         )
@@ -71,12 +95,18 @@ class Captioner:
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": caption_prompt(caption)}]}]
         return self.processor.apply_chat_template(turn, add_generation_prompt=True)
 
+    def inputs(self, images: Sequence[Image.Image], captions: Sequence[str | None]) -> BatchFeature:
+        """The model's input batch: token ids, attention mask and pixel values (padded to square if ``pad``)."""
+        if self.image_aspect == "pad":
+            images = [pad_to_square(image, self.pad_colour) for image in images]
+        return self.processor(
+            images=list(images), text=[self.chat(c) for c in captions], padding=True, return_tensors="pt"
+        ).to(self.device, dtype=self.dtype)
+
     @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image], captions: Sequence[str | None]) -> list[str]:
         """Greedy dense captions, one per image, decoded from the new tokens only."""
-        inputs = self.processor(
-            images=list(images), text=[self.chat(c) for c in captions], padding=True, return_tensors="pt"
-        ).to(self.device, dtype=self.dtype)
+        inputs = self.inputs(images, captions)
         tokens = self.model.generate(
             **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
             pad_token_id=self.processor.tokenizer.pad_token_id,
@@ -98,11 +128,13 @@ def recaption(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    image_aspect: str = "pad",
 ) -> dict[str, Any]:
     """Write a dense-captioned copy of this rank's shards of ``source`` to ``out_dir``; returns the run's summary.
 
     ``dtype="auto"`` is bfloat16 on CUDA and float32 otherwise; ``device=None`` picks ``cuda:{rank % gpus}``
-    when CUDA is available. The model is loaded only if some shard of this rank is still to do.
+    when CUDA is available. ``image_aspect``: see :class:`Captioner`. The model is loaded only if some shard of
+    this rank is still to do.
     """
     rank, world_size = process_rank(rank, world_size)
     if batch_size < 1:
@@ -121,7 +153,7 @@ def recaption(
     tar_errors: Counter[str] = Counter()
     captioned = 0
     if todo:
-        captioner = Captioner(model, max_new_tokens, dtype, device)
+        captioner = Captioner(model, max_new_tokens, dtype, device, image_aspect)
         with tqdm(desc=f"recaption rank {rank}", unit="sample", disable=not progress) as bar:
             for shard in todo:
                 n = _recaption_shard(
@@ -139,6 +171,7 @@ def recaption(
         "model": model,
         "prompt": PROMPT,
         "seeded_prompt": SEEDED_PROMPT if seed_with_caption else None,
+        "image_aspect": image_aspect,
         "rank": rank,
         "world_size": world_size,
         "seconds": round(time.perf_counter() - start, 2),

@@ -5,9 +5,14 @@ One reader serves every source: the synthetic world's shards, img2dataset-style 
 beside the images), and shards of precomputed features (:mod:`.features`: VAE latents at the bucket's size
 and trimmed T5 features, so neither encoder runs in the training loop). The stream is an endless sequence of epochs that is a pure function of
 (seed, rank, worker): each epoch permutes the shards with the seed, deals them to the
-rank × worker slots, and shuffles samples in a seeded buffer. That makes the data position a single
-number, the batches already consumed, so a resumed run skips exactly those and continues with the
-batch an uninterrupted run would have seen next (:attr:`ShardStream.skip_batches`).
+rank × worker slots (with fewer shards than slots, every slot takes every n-th sample of every shard and reads
+only those: :mod:`.sources`), and shuffles samples in a seeded buffer bounded in samples and in bytes.
+
+Every batch carries its worker's :class:`~.positions.WorkerPosition`, the state that stream is in right after
+it. A stream resumed from the positions of the last consumed batches jumps there without reading what came
+before, re-decodes only the samples its buffers held, and continues with the batches an uninterrupted run
+would have produced; without positions (an older checkpoint) each worker replays, decoding and dropping its
+share of the consumed batches (:attr:`ShardStream.skip_batches`).
 
 Multi-scale batches come from aspect-ratio buckets: the bucket of every batch index is drawn from a
 seeded schedule weighted by the dataset's bucket counts, so at each step every rank and worker
@@ -16,6 +21,7 @@ trains the same bucket (same shapes, same cost) and no rank waits for another.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -29,12 +35,14 @@ import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from ..config import DataSection
 from .buckets import bucket_table, nearest_bucket
 from .features import FEATURES_KEY, decode_features
+from .positions import Ref, ShuffleBuffer, WorkerPosition, ref_array, ref_list
 from .samples import IMAGE_EXTENSIONS, caption_text, fit_to_bucket, image_member, open_image, original_size, sample_meta
+from .slots import SlotReader
+from .sources import Handler, ImageFolder, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +79,17 @@ def resolve_sources(spec: str) -> list[str]:
             return [str(path)]
         raise DataError(f"{spec}: the folder holds no .tar shards and no images")
     urls = list(braceexpand.braceexpand(spec))
-    if any(c in spec for c in "*?[") and not _remote(spec):
+    if any(c in spec for c in "*?[") and not is_remote(spec):
         urls = [f for url in urls for f in sorted(glob.glob(url)) if Path(f).is_file()]
         if not urls:
             raise DataError(f"{spec}: the pattern matches no file")
         return urls
-    missing = [u for u in urls if not _remote(u) and not Path(u).is_file()]
+    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing == [spec]:
         raise DataError(f"{spec} does not exist (give a folder of .tar shards, a tar, a pattern or an image folder)")
     if missing:
         raise DataError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
     return urls
-
-
-def _remote(url: str) -> bool:
-    """A url webdataset opens itself (http(s), s3, ``pipe:`` commands): not checked, not globbed."""
-    return "://" in url or url.startswith("pipe:")
 
 
 def tar_shards(spec: str) -> list[Path]:
@@ -121,19 +124,10 @@ def read_manifest(spec: str) -> dict[str, Any]:
     return {}
 
 
-def folder_samples(folder: str, slot: int = 0, slots: int = 1) -> Iterator[dict[str, Any]]:
-    """Raw samples of an image folder in sorted order (every ``slots``-th from ``slot``): image bytes plus
-    any .txt/.json/.cls beside it."""
-    root = Path(folder)
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    for image in images[slot::slots]:
-        sample: dict[str, Any] = {"__key__": str(image.relative_to(root).with_suffix("")), "__url__": folder}
-        sample[image.suffix.lower().lstrip(".")] = image.read_bytes()
-        for ext in ("txt", "json", "cls"):
-            side = image.with_suffix("." + ext)
-            if side.is_file():
-                sample[ext] = side.read_bytes()
-        yield sample
+def folder_samples(folder: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of an image folder in sorted order: image bytes plus any .txt/.json/.cls beside it."""
+    source = ImageFolder.list(folder)
+    return (raw for _, raw in source.read(range(len(source))))
 
 
 @dataclass
@@ -163,15 +157,20 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self, spec: DataSection, granularity: int = 8, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
-        captions: bool = True, latent_factor: int = 8,
+        captions: bool = True, latent_factor: int = 8, positions: dict[int, WorkerPosition] | None = None,
     ):
         """``granularity``: bucket sides are multiples of it (patch size x VAE factor); ``captions=False``
         (stage 1) accepts samples without a caption, e.g. ImageNet-style ``jpg`` + ``cls`` shards;
-        ``latent_factor``: pixels per latent pixel, to check precomputed latents against the buckets."""
+        ``latent_factor``: pixels per latent pixel, to check precomputed latents against the buckets.
+
+        A resumed stream: ``skip_batches`` is the number of batches this rank has consumed, ``positions`` the
+        position of each worker's last consumed batch, by the worker of the original run it was. A worker with a
+        position continues from it; one without replays its share of the ``skip_batches`` batches."""
         super().__init__()
         self.spec, self.granularity, self.rank, self.world_size = spec, granularity, rank, world_size
         self.captions = captions
         self.skip_batches = skip_batches
+        self.positions = positions or {}
         self.sources = resolve_sources(spec.shards)
         self.buckets = self._buckets()
         self.latent_buckets = {(h // latent_factor, w // latent_factor): r for r, (h, w) in self.buckets.items()}
@@ -211,52 +210,9 @@ class ShardStream(IterableDataset):
         worker = (worker + self.skip_batches) % workers
         return self.rank * workers + worker, self.world_size * workers, workers
 
-    def _raw_samples(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
-        order = np.random.default_rng([self.spec.seed, epoch]).permutation(len(self.sources))
-        urls = [self.sources[i] for i in order]
-        by_shard = len(urls) >= slots
-        mine = urls[slot::slots] if by_shard else urls
-        for url in mine:
-            if Path(url).is_dir():  # an image folder is one source split by sample
-                yield from folder_samples(url, slot, slots)
-                continue
-            for i, sample in enumerate(self._tar_samples(url)):
-                if by_shard or i % slots == slot:
-                    yield sample
-
-    def _tar_samples(self, url: str) -> Iterator[dict[str, Any]]:
-        def handler(err: Exception) -> bool:
-            log.warning("%s: %s", url, err)
-            self.skipped.add(f"unreadable tar data ({type(err).__name__})", url)
-            return True
-
-        yield from tarfile_samples([{"url": url}], handler=handler)
-
-    def _decoded(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
-        """Decoded samples of endless epochs, shuffled in a seeded buffer."""
-        rng = np.random.default_rng([self.spec.seed, 1, slot])
-        buffer: list[dict[str, Any]] = []
-        epoch = 0
-        while True:
-            produced = 0
-            for raw in self._raw_samples(epoch, slot, slots):
-                sample = self._decode(raw)
-                if sample is None:
-                    continue
-                produced += 1
-                buffer.append(sample)
-                if len(buffer) >= self.spec.shuffle_buffer:
-                    yield buffer.pop(int(rng.integers(len(buffer))))
-            if produced == 0 and not buffer:
-                raise DataError(f"{self.spec.shards}: no usable sample for slot {slot} of {slots} "
-                                f"(skipped so far: {self.skipped.counts})")
-            epoch += 1
-            if produced == 0:  # a slot with no shard of its own drains its buffer instead of spinning
-                while buffer:
-                    yield buffer.pop(int(rng.integers(len(buffer))))
-
-    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
-        """Image, caption and metadata of one raw sample; None (counted) when it cannot be used."""
+    def _decode(self, raw: dict[str, Any], ref: Ref) -> dict[str, Any] | None:
+        """Image, caption and metadata of one raw sample (``ref``: where it was read); None (counted) when it
+        cannot be used."""
         key = raw.get("__key__", "?")
         try:
             meta = sample_meta(raw)
@@ -299,7 +255,7 @@ class ShardStream(IterableDataset):
         except (TypeError, ValueError):
             self.skipped.add("unreadable class label", key)
             return None
-        sample.update(key=key, caption=caption, label=label, original_size=size)
+        sample.update(key=key, caption=caption, label=label, original_size=size, ref=ref)
         if "t5" in features:
             sample["caption_features"] = features["t5"]
         return sample
@@ -310,23 +266,50 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.spec.seed, 2, batch_index])
         return list(self.buckets)[int(rng.choice(len(self.buckets), p=self.schedule_weights))]
 
+    def _bucketed(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """The sample with its bucket; an image is cut to it (``pixels``)."""
+        if "image" in sample:
+            sample["bucket"], sample["pixels"] = fit_to_bucket(sample.pop("image"), self.buckets)
+        return sample
+
+    def _handler(self, url: str) -> Handler:
+        """Read errors of a source: logged, counted, skipped."""
+        def handler(err: Exception) -> bool:
+            log.warning("%s: %s", url, err)
+            self.skipped.add(f"unreadable tar data ({type(err).__name__})", url)
+            return True
+
+        return handler
+
+    def _start(self, worker: int, workers: int, slot: int, slots: int) -> tuple[SlotReader, dict[float, deque], int, int]:
+        """(slot reader, bucket queues, index of the next batch, batches to replay) of a worker: from its saved
+        position, or from the start with its share of the consumed batches to replay."""
+        rng = np.random.default_rng([self.spec.seed, 1, slot])
+        buffer = ShuffleBuffer(self.spec.shuffle_buffer, self.spec.shuffle_buffer_mb * 2**20, rng)
+        reader = SlotReader(self.sources, self.spec.seed, slot, slots, buffer, self._decode, self._handler)
+        pending: dict[float, deque] = {r: deque() for r in self.buckets}
+        position = self.positions.get(worker)
+        if position is not None:
+            queued = reader.restore(position)
+            for ratio, refs in position.pending.items():
+                pending[ratio].extend(self._bucketed(dict(queued[ref])) for ref in ref_list(refs) if ref in queued)
+            return reader, pending, position.batch + workers, 0
+        # Global batch b comes from worker b % workers (DataLoader round-robin): replay this worker's share.
+        to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
+        return reader, pending, worker + to_skip * workers, to_skip
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.skipped = Skipped()
         slot, slots, workers = self._slot()
         worker = slot - self.rank * workers
-        # Global batch b comes from worker b % workers (DataLoader round-robin): skip this worker's share.
-        to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
-        pending: dict[float, deque] = {r: deque() for r in self.buckets}
+        reader, pending, batch_index, to_skip = self._start(worker, workers, slot, slots)
         # Samples of buckets not scheduled now wait; past this many the oldest is dropped (counted, not warned:
         # the schedule follows the dataset's bucket frequencies, so this only trims random fluctuations).
         cap = 16 * self.spec.batch_size
         starved = 0  # samples dropped since the last batch
-        batch_index = worker + to_skip * workers
         target = self._schedule(batch_index)
-        for sample in self._decoded(slot, slots):
-            if "image" in sample:
-                sample["bucket"], sample["pixels"] = fit_to_bucket(sample.pop("image"), self.buckets)
-            ratio = sample["bucket"]
+        for sample in reader.samples():
+            ratio = self._bucketed(sample)["bucket"]
             queue = pending[ratio]
             queue.append(sample)
             if target is not None and ratio != target and len(queue) > cap:
@@ -346,9 +329,18 @@ class ShardStream(IterableDataset):
             if to_skip > 0:
                 to_skip -= 1
             else:
-                yield collate(batch, ready, self.skipped.take())
+                position = self._position(worker, batch_index, reader, pending)
+                yield collate(batch, ready, self.skipped.take()) | {"position": position}
             batch_index += workers
             target = self._schedule(batch_index)
+        raise DataError(f"{self.spec.shards}: no usable sample for slot {slot} of {slots} "
+                        f"(skipped so far: {self.skipped.counts})")
+
+    @staticmethod
+    def _position(worker: int, batch_index: int, reader: SlotReader, pending: dict[float, deque]) -> WorkerPosition:
+        queues = {ratio: ref_array([s["ref"] for s in queue]) for ratio, queue in pending.items() if queue}
+        return WorkerPosition(worker, batch_index, dataclasses.replace(reader.cursor),
+                              reader.buffer.rng.bit_generator.state, reader.buffer.refs(), queues)
 
 
 def collate(samples: Sequence[dict[str, Any]], ratio: float, skipped: dict[str, int]) -> dict[str, Any]:

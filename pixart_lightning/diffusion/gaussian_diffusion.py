@@ -23,6 +23,11 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 ModelOutputFn = Callable[[Tensor, Tensor], Tensor]
 Prediction = Literal["epsilon", "v"]
 PREDICTIONS = ("epsilon", "v")
+# The per-timestep float64 tables the losses and samplers gather from.
+SCHEDULE_TABLES = (
+    "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "log_betas",
+)
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -91,6 +96,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
         self.log_betas = np.log(betas)
+        self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
 
     @staticmethod
     def _respaced_betas(betas: np.ndarray, use_timesteps: list[int]) -> np.ndarray:
@@ -101,30 +107,41 @@ class GaussianDiffusion:
         kept = np.cumprod(1.0 - betas)[use_timesteps]
         return 1.0 - kept / np.append(1.0, kept[:-1])
 
-    @staticmethod
-    def _gather(table: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
-        """Pick table[t] per sample, cast to like's dtype and shaped to broadcast against it."""
-        values = torch.from_numpy(table).to(t.device)[t].to(like.dtype)
+    def _tables_on(self, device: torch.device) -> dict[str, Tensor]:
+        """The schedule as float64 tensors on ``device`` (and the timestep map), copied there on first use.
+
+        Copying a table from host memory on every gather would make each loss wait for a blocking
+        host-to-device transfer on a GPU; one copy per device keeps the training step free of them.
+        """
+        if device not in self._device_tables:
+            tables = {name: torch.from_numpy(getattr(self, name)).to(device) for name in SCHEDULE_TABLES}
+            self._device_tables[device] = tables | {"timestep_map": self.timestep_map.to(device)}
+        return self._device_tables[device]
+
+    def _gather(self, table: str, t: Tensor, like: Tensor) -> Tensor:
+        """Pick the named table's value at t per sample (on t's device), cast to like's dtype and shaped to
+        broadcast against it."""
+        values = self._tables_on(t.device)[table][t].to(like.dtype)
         return values.reshape(-1, *([1] * (like.ndim - 1)))
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Map schedule indices to the original integer timesteps the model was trained on."""
-        return self.timestep_map.to(t.device)[t]
+        return self._tables_on(t.device)["timestep_map"][t]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Draw x_t ~ q(x_t | x_0)."""
         if noise is None:
             noise = torch.randn_like(x0)
         return (
-            self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
-            + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+            self._gather("sqrt_alphas_cumprod", t, x0) * x0
+            + self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
         )
 
     def q_posterior_mean_variance(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._gather(self.posterior_mean_coef1, t, xt) * x0 + self._gather(self.posterior_mean_coef2, t, xt) * xt
-        variance = self._gather(self.posterior_variance, t, xt)
-        log_variance = self._gather(self.posterior_log_variance_clipped, t, xt)
+        mean = self._gather("posterior_mean_coef1", t, xt) * x0 + self._gather("posterior_mean_coef2", t, xt) * xt
+        variance = self._gather("posterior_variance", t, xt)
+        log_variance = self._gather("posterior_log_variance_clipped", t, xt)
         return mean, variance, log_variance
 
     def p_mean_variance(
@@ -134,13 +151,13 @@ class GaussianDiffusion:
         channels = xt.shape[1]
         if self.learn_sigma:
             frac = (model_output[:, channels:] + 1.0) / 2.0
-            min_log = self._gather(self.posterior_log_variance_clipped, t, xt)
-            max_log = self._gather(self.log_betas, t, xt)
+            min_log = self._gather("posterior_log_variance_clipped", t, xt)
+            max_log = self._gather("log_betas", t, xt)
             log_variance = frac * max_log + (1.0 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
-            variance = self._gather(self.posterior_variance, t, xt).expand_as(xt)
-            log_variance = self._gather(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
+            variance = self._gather("posterior_variance", t, xt).expand_as(xt)
+            log_variance = self._gather("posterior_log_variance_clipped", t, xt).expand_as(xt)
 
         pred_x0 = self.predict_x0(model_output[:, :channels], xt, t)
         if clip_denoised:
@@ -152,20 +169,20 @@ class GaussianDiffusion:
         """x0 implied by the model's ε or v prediction at x_t."""
         if self.prediction == "v":
             return (
-                self._gather(self.sqrt_alphas_cumprod, t, xt) * xt
-                - self._gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * prediction
+                self._gather("sqrt_alphas_cumprod", t, xt) * xt
+                - self._gather("sqrt_one_minus_alphas_cumprod", t, xt) * prediction
             )
         return (
-            self._gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt
-            - self._gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * prediction
+            self._gather("sqrt_recip_alphas_cumprod", t, xt) * xt
+            - self._gather("sqrt_recipm1_alphas_cumprod", t, xt) * prediction
         )
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """What the mean channels are trained to predict: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0."""
         if self.prediction == "v":
             return (
-                self._gather(self.sqrt_alphas_cumprod, t, x0) * noise
-                - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+                self._gather("sqrt_alphas_cumprod", t, x0) * noise
+                - self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * x0
             )
         return noise
 

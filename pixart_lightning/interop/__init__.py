@@ -6,6 +6,7 @@ from .formats import (
     load_model,
     load_weights,
     model_from_official,
+    read_prediction,
     save_weights,
     to_official,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "load_model",
     "load_weights",
     "model_from_official",
+    "read_prediction",
     "read_state_dict",
     "save_weights",
     "to_official",

@@ -11,43 +11,58 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..models.config import PixArtConfig
+from ..models.config import PixArtConfig, official_interpolation_scale
 from ..models.pixart import PixArt
 from .diffusers_keys import dit_rules, pixart_rules, to_ours, to_theirs
 from .state_dicts import IncompatibleCheckpointError, check_compatible, infer_config, read_state_dict
 
 NULL_CAPTION_FILE = "null_caption.safetensors"
 _NATIVE_TAG = "pixart-lightning"
+PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
+"""What the mean channels predict (``diffusion.prediction``) -> the ``prediction_type`` of diffusers' schedulers."""
 
 ############################################################################
 #          Native: one safetensors file whose metadata holds the config    #
 ############################################################################
 
 
-def save_weights(model: PixArt, path: str | Path) -> Path:
-    """Write the model's weights and config to one ``.safetensors`` file, atomically."""
+def check_prediction(prediction: str) -> str:
+    """``prediction`` if it is one the samplers know (``epsilon``, ``v``); a one-line ValueError otherwise."""
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction={prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
+    return prediction
+
+
+def save_weights(model: PixArt, path: str | Path, prediction: str = "epsilon") -> Path:
+    """Write the model's weights, config and prediction type to one ``.safetensors`` file, atomically.
+
+    The prediction type is not part of the backbone but decides how to sample from it: recorded here, the file
+    samples and exports correctly away from the run folder whose manifest also names it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": _NATIVE_TAG, "config": json.dumps(model.cfg.to_dict())}
+    metadata = {"format": _NATIVE_TAG, "config": json.dumps(model.cfg.to_dict()),
+                "prediction": check_prediction(prediction)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
     return path
 
 
-def is_native(path: Path) -> bool:
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
+def _metadata(path: Path) -> dict[str, str]:
     with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("format") == _NATIVE_TAG
+        return f.metadata() or {}
+
+
+def is_native(path: Path) -> bool:
+    return path.suffix == ".safetensors" and path.is_file() and _metadata(path).get("format") == _NATIVE_TAG
 
 
 def load_weights(path: str | Path) -> PixArt:
     """Load a file written by :func:`save_weights`."""
     path = Path(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _metadata(path)
     if meta.get("format") != _NATIVE_TAG:
         raise IncompatibleCheckpointError(f"{path} was not written by pixart-lightning (no config in its metadata)")
     model = PixArt(PixArtConfig(**json.loads(meta["config"])))
@@ -173,7 +188,7 @@ def load_diffusers(folder: str | Path, subfolder: str | None = None) -> PixArt:
         caption_channels=config["caption_channels"],
         micro_conditions=sample_size == 128 if micro is None else micro,
         sample_size=sample_size,
-        interpolation_scale=max(sample_size // 64, 1) if scale is None else scale,
+        interpolation_scale=official_interpolation_scale(sample_size) if scale is None else scale,
     )
     model = PixArt(cfg)
     state = to_ours(_read_diffusers_weights(folder), pixart_rules(cfg.depth))
@@ -216,3 +231,34 @@ def load_model(source: str | Path, **config_options) -> PixArt:
         return load_weights(source)
     container = config_options.pop("container", None)
     return model_from_official(read_state_dict(source, container), **config_options)
+
+
+def read_prediction(source: str | Path) -> str | None:
+    """What the checkpoint's mean channels predict (``epsilon`` or ``v``) where it records it, else None.
+
+    Our ``.safetensors`` record it in their metadata (those written before it was recorded do not), an exported
+    pipeline folder in its scheduler config; official checkpoints and bare transformer folders have no place for it.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return _scheduler_prediction(source / "scheduler" / "scheduler_config.json")
+    if not is_native(source):
+        return None
+    prediction = _metadata(source).get("prediction")
+    if prediction is not None and prediction not in PREDICTION_TYPES:
+        known = ", ".join(PREDICTION_TYPES)
+        raise IncompatibleCheckpointError(f"{source} records prediction {prediction!r}; known: {known}")
+    return prediction
+
+
+def _scheduler_prediction(config_file: Path) -> str | None:
+    if not config_file.is_file():
+        return None
+    prediction_type = json.loads(config_file.read_text()).get("prediction_type", "epsilon")  # diffusers' default
+    ours = {theirs: name for name, theirs in PREDICTION_TYPES.items()}
+    if prediction_type not in ours:
+        raise IncompatibleCheckpointError(
+            f"{config_file}: prediction_type {prediction_type!r} cannot be sampled here; "
+            f"known: {', '.join(ours)}"
+        )
+    return ours[prediction_type]

@@ -8,24 +8,27 @@ from pathlib import Path
 from ..models.pixart import PixArt
 from ..text_encoder import T5TextEncoder
 from ..vae import VAE
-from .formats import save_null_caption, to_diffusers_model
+from .formats import PREDICTION_TYPES, check_prediction, save_null_caption, to_diffusers_model
 
 
 def export_pipeline(
-    model: PixArt, folder: str | os.PathLike, text_encoder: str | os.PathLike, vae: str | os.PathLike
+    model: PixArt, folder: str | os.PathLike, text_encoder: str | os.PathLike, vae: str | os.PathLike,
+    prediction: str = "epsilon",
 ) -> Path:
     """Write a folder that ``PixArtAlphaPipeline.from_pretrained(folder)`` loads and runs offline.
 
     ``text_encoder`` and ``vae`` are hub ids or local folders (a pipeline folder works for both).
     The scheduler is diffusers' default DPM-Solver++ (2nd order, 1000 linear-β steps), the
-    sampler PixArt-α uses. Note that diffusers guides with T5("") as the negative prompt, while
-    our sampler uses the model's null caption embedding; it is kept in ``transformer/`` as
-    ``null_caption.safetensors`` so that importing the folder restores it.
+    sampler PixArt-α uses, set to what the model predicts (``epsilon`` or ``v``, as it was trained).
+    Note that diffusers guides with T5("") as the negative prompt, while our sampler uses the
+    model's null caption embedding; it is kept in ``transformer/`` as ``null_caption.safetensors``
+    so that importing the folder restores it.
     """
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
     if model.cfg.mode != "text":
         raise ValueError("only a text-mode model can be exported as a PixArtAlphaPipeline")
+    prediction_type = PREDICTION_TYPES[check_prediction(prediction)]
     encoder = T5TextEncoder.from_pretrained(text_encoder)
     autoencoder = VAE.from_pretrained(vae)
     problems = []
@@ -40,7 +43,7 @@ def export_pipeline(
         text_encoder=encoder.model,
         vae=autoencoder.model,
         transformer=to_diffusers_model(model),
-        scheduler=DPMSolverMultistepScheduler(),
+        scheduler=DPMSolverMultistepScheduler(prediction_type=prediction_type),
     )
     folder = Path(folder)
     pipeline.save_pretrained(folder)

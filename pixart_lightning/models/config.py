@@ -92,6 +92,12 @@ class PixArtConfig:
         return dataclasses.asdict(self)
 
 
+def official_interpolation_scale(sample_size: int) -> float:
+    """PixArt-α's position-embedding scale for a latent side: 1 at 256 and 512 px, 2 at 1024 px (the official
+    inference table {256: 1, 512: 1, 1024: 2}; diffusers' ``max(sample_size // 64, 1)``)."""
+    return float(max(sample_size // 64, 1))
+
+
 def _size(depth: int, hidden_size: int, num_heads: int, patch_size: int) -> dict:
     return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
 

@@ -10,10 +10,12 @@ their state dicts load by key.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import PixArtConfig
@@ -140,27 +142,58 @@ CPU_MATMUL_ATTENTION = 256 * 256
 torch's fused kernel, which is built for long sequences: 1.5x faster at the demo's 36 tokens, about even at 256,
 slower from about 576 on (docs/performance.md)."""
 
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+"""``auto``: matmuls on CPU for short sequences, else PyTorch's own choice among its fused kernels, except cuDNN
+when there is a mask; the others force that one SDPA kernel (an error where it has none for the inputs)."""
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+_FORCED_SDPA = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+# cuDNN attention with a padding mask has open bugs (NaN in grad_q at some sequence lengths, pytorch issue
+# 196678), and it builds a new graph for every new key length, which masked (caption) attention varies per batch.
+# Without a mask auto leaves PyTorch's choice alone, cuDNN included.
+_MASKED_AUTO_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_kernels(backend: str, masked: bool) -> AbstractContextManager:
+    """The context that restricts SDPA to the kernels ``backend`` allows."""
+    if backend == "auto":
+        return sdpa_kernel(_MASKED_AUTO_SDPA) if masked else nullcontext()
+    if backend not in _FORCED_SDPA:
+        raise ValueError(f"attention backend {backend!r}: valid choices are {', '.join(ATTENTION_BACKENDS)}")
+    return sdpa_kernel(_FORCED_SDPA[backend])
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, backend: str = "auto") -> Tensor:
     """softmax(q kᵀ / √d) v for (B, tokens, heads, head_dim) inputs -> (B, N, heads * head_dim).
 
-    ``mask`` (B, M) is 1 where a key may be attended to. GPUs take PyTorch's fused kernels (flash,
-    memory-efficient, cuDNN), which read this layout as strided views without copies.
+    ``mask`` (B, M) is 1 where a key may be attended to. ``backend`` is one of ``ATTENTION_BACKENDS``. GPUs take
+    PyTorch's fused kernels (flash, memory-efficient, cuDNN), which read this layout as strided views without copies.
     """
     B, N, H, d = q.shape
     M = k.shape[1]
-    if q.device.type == "cpu" and N * M <= CPU_MATMUL_ATTENTION:
-        q, k, v = (t.transpose(1, 2).reshape(B * H, -1, d) for t in (q, k, v))  # heads into the batch
-        if mask is None:
-            scores = torch.bmm(q, k.transpose(1, 2)).mul_(d**-0.5)
-        else:  # the padding's additive bias, broadcast over the queries by baddbmm
-            bias = (mask.bool().logical_not() * torch.finfo(q.dtype).min).to(q.dtype).repeat_interleave(H, dim=0)
-            scores = torch.baddbmm(bias[:, None], q, k.transpose(1, 2), alpha=d**-0.5)
-        out = torch.bmm(scores.softmax(dim=-1), v)  # (B * H, N, d)
-        return out.view(B, H, N, d).transpose(1, 2).reshape(B, N, H * d)
+    if backend == "auto" and q.device.type == "cpu" and N * M <= CPU_MATMUL_ATTENTION:
+        return _matmul_attention(q, k, v, mask)
     attn_mask = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, M); True = attend
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    with _sdpa_kernels(backend, masked=mask is not None):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
     return out.transpose(1, 2).reshape(B, N, H * d)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """:func:`attention` as two batched matmuls (CPU, short sequences)."""
+    B, N, H, d = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * H, -1, d) for t in (q, k, v))  # heads into the batch
+    if mask is None:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(d**-0.5)
+    else:  # the padding's additive bias, broadcast over the queries by baddbmm
+        bias = (mask.bool().logical_not() * torch.finfo(q.dtype).min).to(q.dtype).repeat_interleave(H, dim=0)
+        scores = torch.baddbmm(bias[:, None], q, k.transpose(1, 2), alpha=d**-0.5)
+    out = torch.bmm(scores.softmax(dim=-1), v)  # (B * H, N, d)
+    return out.view(B, H, N, d).transpose(1, 2).reshape(B, N, H * d)
 
 
 class SelfAttention(nn.Module):
@@ -172,10 +205,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, backend: str = "auto") -> Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)
-        return self.proj(attention(q, k, v))
+        return self.proj(attention(q, k, v, backend=backend))
 
 
 class CrossAttention(nn.Module):
@@ -188,12 +221,12 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, mask: Tensor | None, backend: str = "auto") -> Tensor:
         B, N, D = x.shape
         head_dim = D // self.num_heads
         q = self.q_linear(x).view(B, N, self.num_heads, head_dim)
         k, v = self.kv_linear(y).view(B, y.shape[1], 2, self.num_heads, head_dim).unbind(2)
-        return self.proj(attention(q, k, v, mask))
+        return self.proj(attention(q, k, v, mask, backend))
 
 
 #################################################################################
@@ -223,7 +256,9 @@ class PixArtBlock(nn.Module):
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    def forward(self, x: Tensor, cond: Tensor, y: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Tensor, y: Tensor | None = None, mask: Tensor | None = None, attention_backend: str = "auto"
+    ) -> Tensor:
         """``cond`` is the (B, D) class-mode embedding c, or the (B, 6D) adaLN-single output."""
         B, _, D = x.shape
         if self.text:
@@ -232,9 +267,9 @@ class PixArtBlock(nn.Module):
             mods = self.adaLN_modulation(cond)[:, None].chunk(6, dim=2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         # gated residuals as one pass each: x + gate * f(x)
-        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attention_backend))
         if self.text:
-            x = x + self.cross_attn(x, y, mask)
+            x = x + self.cross_attn(x, y, mask, attention_backend)
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
@@ -287,6 +322,9 @@ class PixArt(nn.Module):
         self.blocks = nn.ModuleList(PixArtBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
+        # One of ATTENTION_BACKENDS. A setting of the machine that runs the model, not of its weights: kept out of
+        # cfg (saved with them, inherited across stage handoffs); the training stage sets it from its config.
+        self.attention_backend = "auto"
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()
 
@@ -382,15 +420,21 @@ class PixArt(nn.Module):
             block_cond = c
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, block_cond, y, mask, use_reentrant=False)
+                x = checkpoint(block, x, block_cond, y, mask, self.attention_backend, use_reentrant=False)
             else:
-                x = block(x, block_cond, y, mask)
+                x = block(x, block_cond, y, mask, self.attention_backend)
         x = self.final_layer(x, c)  # (B, T, p*p*C_out)
         return unpatchify(x, grid_h, grid_w, cfg.patch_size, cfg.out_channels)
 
 
+CAPTION_LENGTH_MULTIPLE = 16
+"""Trimmed captions keep a multiple of this many columns, so that the few distinct key lengths compile and plan
+attention kernels once each rather than once per batch."""
+
+
 def trim_caption_padding(y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Drop caption columns that are padding in every sample; no mask at all if none is left.
+    """Drop caption columns that are padding in every sample, keeping a multiple of ``CAPTION_LENGTH_MULTIPLE``
+    (at most all of them); no mask at all if none is left.
 
     Masked tokens contribute nothing to cross-attention, so this changes no output, but it spares the K/V
     projections and attention the padding, and a missing mask lets attention take its fastest kernel. It reads
@@ -399,7 +443,8 @@ def trim_caption_padding(y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor
     if mask is None:
         return y, None
     used = mask.bool().any(dim=0).nonzero()
-    keep = int(used.max()) + 1 if len(used) else 1
+    longest = int(used.max()) + 1 if len(used) else 1
+    keep = min(math.ceil(longest / CAPTION_LENGTH_MULTIPLE) * CAPTION_LENGTH_MULTIPLE, mask.shape[1])
     y, mask = y[:, :keep], mask[:, :keep]
     return (y, None) if bool(mask.bool().all()) else (y, mask)
 

@@ -74,12 +74,14 @@ def class_to_text(
 
 
 @torch.no_grad()
-def to_resolution(model: PixArt, sample_size: int, *, micro_conditions: bool | None = None) -> PixArt:
+def to_resolution(
+    model: PixArt, sample_size: int, *, interpolation_scale: float, micro_conditions: bool | None = None
+) -> PixArt:
     """The stage-2 -> stage-3 handoff: a text model for latents of side ``sample_size``.
 
-    The position embedding is rescaled, not extended: ``interpolation_scale`` grows with the side,
-    so the new grid spans the same coordinates as the old one and a higher-resolution image sees
-    interpolated positions it already knows (PixArt-α's 256 -> 512 -> 1024 scales 0.5 -> 1 -> 2).
+    The position table is recomputed for the new grid with the given ``interpolation_scale``, which the
+    stage's config sets: PixArt-α goes 1 -> 1 -> 2 over 256 -> 512 -> 1024 px, so 512 px extends 256 px's
+    coordinates (0..31 instead of 0..15) and 1024 px interpolates 512 px's (0..31.5 in steps of 0.5).
     Switching on micro-conditions adds the size and aspect-ratio embedders with their output layers
     zeroed, so the new model computes exactly the old function until training moves them.
     """
@@ -89,7 +91,7 @@ def to_resolution(model: PixArt, sample_size: int, *, micro_conditions: bool | N
     micro = src.micro_conditions if micro_conditions is None else micro_conditions
     cfg = src.replace(
         sample_size=sample_size,
-        interpolation_scale=src.interpolation_scale * sample_size / src.sample_size,
+        interpolation_scale=interpolation_scale,
         micro_conditions=micro,
     )
     param = next(model.parameters())

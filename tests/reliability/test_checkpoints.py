@@ -1,5 +1,7 @@
 """Fault injection on checkpoints: SIGKILL at random steps resumes exactly; a damaged newest checkpoint falls back
-to the one before with a warning; only the newest K are kept; untrusted pickles are refused."""
+to the one before with a warning; only the newest K are kept; untrusted pickles are refused. Hashing at scale: a
+checkpoint is hashed while it is written, and at a start only rank 0 reads the parent and the checkpoint to hash
+them."""
 
 from __future__ import annotations
 
@@ -10,17 +12,33 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from safetensors.torch import load_file
 
-from callbacks.checkpoints import latest_good, read_index
-from pixart_lightning.runner import run
+from callbacks.checkpoints import DamagedCheckpoints, latest_good, read_index
+from pixart_lightning import files, runner
+from pixart_lightning.files import sha256
+from pixart_lightning.runner import plan, run
 from tests.test_stages import DEMO, Recorder, small
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def count_reads(monkeypatch) -> Counter:
+    """Files opened through pixart_lightning.files, where every sha256 is computed, by path."""
+    reads: Counter = Counter()
+
+    def counting_open(path, *args, **kwargs):
+        reads[Path(path)] += 1
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", counting_open, raising=False)
+    return reads
 
 
 def stage1(out: Path, steps: int, *extra: str) -> list[str]:
@@ -92,13 +110,64 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_checkpoint_index_records_sizes_and_hashes(tmp_path: Path) -> None:
+def test_checkpoint_index_records_sizes_and_hashes(tmp_path: Path, monkeypatch) -> None:
+    """Each checkpoint's bytes and sha256 are those of the file on disk, computed while it was written: recording it
+    reads nothing back (no extra pass in a preemption's save)."""
+    reads = count_reads(monkeypatch)
     run(DEMO, [1], stage1(tmp_path, 4))
-    entries = read_index(tmp_path / "stage1" / "checkpoints")
+    assert not [path for path in reads if path.suffix == ".ckpt"]
+    folder = tmp_path / "stage1" / "checkpoints"
+    entries = read_index(folder)
     assert [e["step"] for e in entries] == [2, 3, 4]
-    record = next(iter(entries[-1]["files"].values()))
-    assert record["bytes"] > 0 and len(record["sha256"]) == 64
+    for entry in entries:
+        for name, record in entry["files"].items():
+            assert record == {"bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
     json.dumps(entries)  # plain JSON
+
+
+class Started(Exception):
+    """Raised where the Trainer would be built: the start-up's hashing is over."""
+
+
+def test_a_start_with_four_ranks_reads_the_parent_and_the_checkpoint_once(tmp_path: Path, monkeypatch) -> None:
+    """Stage 2 resumed by 4 simulated ranks (up to building the Trainer): rank 0 hashes the parent's weights and the
+    checkpoint it resumes from, once each; the other ranks read neither (they check sizes and load rank 0's choice)."""
+    overrides = stage1(tmp_path, 3)
+    run(DEMO, [1], overrides)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(DEMO, [2], overrides, callbacks=[Recorder(fail_at=2)])
+    parent, child = plan(DEMO, overrides)[:2]
+    reads = count_reads(monkeypatch)
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(runner, "make_trainer", started)
+    for rank in range(4):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(Started):
+            runner.run_unit(child, parent, DEMO)
+    assert reads == {parent.dir / "final.safetensors": 1, child.dir / "checkpoints" / "step-0000002.ckpt": 1}
+
+
+def test_only_rank_zero_reads_checkpoints_to_verify_them(tmp_path: Path, monkeypatch) -> None:
+    """A newest checkpoint with a flipped byte (same size): rank 0 reads it, finds it damaged and picks the one
+    before; another rank checks sizes only (the strategy makes it load rank 0's choice). None intact: an error."""
+    run(DEMO, [1], stage1(tmp_path, 3))
+    folder = tmp_path / "stage1" / "checkpoints"
+    newest = folder / "step-0000003.ckpt"
+    damaged = bytearray(newest.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    newest.write_bytes(damaged)
+    reads = count_reads(monkeypatch)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert latest_good(folder) == newest and not reads
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert latest_good(folder) == folder / "step-0000002.ckpt"
+    for checkpoint in folder.glob("step-*.ckpt"):
+        checkpoint.write_bytes(b"")
+    with pytest.raises(DamagedCheckpoints, match="delete"):
+        latest_good(folder)
 
 
 def test_sigusr1_checkpoints_and_stops_cleanly_outside_slurm(tmp_path: Path) -> None:

@@ -1,0 +1,13 @@
+"""When a batch ends an optimizer step: step-based callbacks (checkpoints, samples, FID, preemption) act then."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+def step_ended(trainer: L.Trainer, batch_idx: int) -> bool:
+    """True for the batch that completed an optimizer step. With gradient accumulation only every
+    ``accumulate_grad_batches``-th batch does; the others see the previous step's ``global_step``, and a
+    checkpoint taken there would sit in the middle of a step. Checkpoints sit on step boundaries, so a
+    resumed run's batch index is a multiple of the accumulation too."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0

@@ -1,0 +1,169 @@
+"""A source's raw samples by ordinal: tar headers indexed once, image folders listed once, other tars streamed.
+
+A webdataset sample is a run of consecutive tar members whose names agree up to the first dot of the file
+name (``0001.jpg``, ``0001.txt``, ``0001.json``). :class:`TarIndex` walks a local, uncompressed tar's headers
+only (each header is read, each member's data is seeked over) and keeps where every sample's run of members
+starts and ends. A reader can then
+
+- take every n-th sample of a shard and read only those samples' bytes: with fewer shards than rank x worker
+  slots, each slot reads its own samples of every shard, not every byte of every shard;
+- re-read a few given samples (those a saved data position names) without reading the ones before them.
+
+Tars that cannot be indexed (remote urls, ``pipe:`` commands, compressed tars) are streamed by webdataset and
+their samples counted as they pass. Every source yields the raw samples webdataset itself would (same
+members, same grouping, same ``__key__`` and ``__url__``); read errors go to the caller's handler.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tarfile_samples
+
+from .samples import IMAGE_EXTENSIONS
+
+Handler = Callable[[Exception], bool]
+Ordinals = range | Sequence[int]
+"""Sample ordinals in increasing order: a range (possibly open-ended: ``range(k, sys.maxsize, n)``) or a list."""
+
+SKIP_META = re.compile(r"__[^/]*__($|/)")  # member names webdataset's tar_file_iterator leaves out
+
+
+def is_remote(url: str) -> bool:
+    """A url webdataset opens itself (http(s), s3, ``pipe:`` commands): not checked, not globbed, not indexed."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def _member_key(member: tarfile.TarInfo) -> str | None:
+    """The sample key webdataset groups this member under, or None for a member it leaves out."""
+    if not member.isreg() or SKIP_META.match(member.name):
+        return None
+    return base_plus_ext(member.name)[0]
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members up to its end or to where its data is cut short (reading that sample reports it)."""
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.ReadError:
+            return
+        if member is None:
+            return
+        tar.members.clear()  # TarFile keeps every member it has read; the index needs none of them
+        yield member
+
+
+def _read_range(fd: int, start: int, end: int) -> bytes:
+    chunks = []
+    while start < end:
+        chunk = os.pread(fd, end - start, start)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        start += len(chunk)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class TarIndex:
+    """Byte range of every sample of a local uncompressed tar: from its first member's header to the end of its
+    last member's data block (cut at the end of the file when the tar is truncated)."""
+
+    url: str
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def build(cls, url: str) -> TarIndex:
+        """Raises ``OSError`` for a file that cannot be read, ``tarfile.ReadError`` for one that is not an
+        uncompressed tar."""
+        size = os.path.getsize(url)
+        starts: list[int] = []
+        ends: list[int] = []
+        key = None
+        with open(url, "rb", buffering=0) as file, tarfile.open(fileobj=file, mode="r:") as tar:
+            for member in _members(tar):
+                member_key = _member_key(member)
+                if member_key is None:
+                    continue
+                if member_key != key:
+                    starts.append(member.offset)
+                    ends.append(0)
+                    key = member_key
+                padded = -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data fills whole blocks
+                ends[-1] = min(member.offset_data + padded, size)
+        return cls(url, np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def read(self, ordinals: Ordinals, handler: Handler) -> Iterator[tuple[int, dict[str, Any]]]:
+        with open(self.url, "rb", buffering=0) as file:
+            for i in ordinals:
+                if i >= len(self):
+                    return
+                chunk = _read_range(file.fileno(), int(self.starts[i]), int(self.ends[i]))
+                members = tar_file_expander([{"url": self.url, "stream": io.BytesIO(chunk)}], handler=handler)
+                for raw in group_by_keys(members, handler=handler):
+                    yield i, raw
+
+
+@dataclass(frozen=True)
+class StreamedTar:
+    """A tar read from its start by webdataset, for sources that cannot be indexed or are read whole anyway."""
+
+    url: str
+
+    def read(self, ordinals: Ordinals, handler: Handler) -> Iterator[tuple[int, dict[str, Any]]]:
+        if not len(ordinals):
+            return
+        wanted = ordinals if isinstance(ordinals, range) else set(ordinals)
+        for i, raw in enumerate(tarfile_samples([{"url": self.url}], handler=handler)):
+            if i in wanted:
+                yield i, raw
+            if i >= ordinals[-1]:
+                return
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """An image folder's images in sorted order, each with any .txt/.json/.cls beside it."""
+
+    url: str
+    images: list[Path]
+
+    @classmethod
+    def list(cls, url: str) -> ImageFolder:
+        images = sorted(p for p in Path(url).rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        return cls(url, images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, ordinals: Ordinals, handler: Handler | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+        for i in ordinals:
+            if i >= len(self):
+                return
+            yield i, self._sample(self.images[i])
+
+    def _sample(self, image: Path) -> dict[str, Any]:
+        key = str(image.relative_to(self.url).with_suffix(""))
+        sample: dict[str, Any] = {"__key__": key, "__url__": self.url}
+        sample[image.suffix.lower().lstrip(".")] = image.read_bytes()
+        for ext in ("txt", "json", "cls"):
+            side = image.with_suffix("." + ext)
+            if side.is_file():
+                sample[ext] = side.read_bytes()
+        return sample
+
+
+Source = TarIndex | StreamedTar | ImageFolder
