@@ -32,7 +32,7 @@ from pixart_lightning.gpu_check.harness import (
 from pixart_lightning.gpu_check.memory import is_out_of_memory, largest_batch
 from pixart_lightning.gpu_check.wheels import download_command, missing_packages, project_requirements, wheel_pin
 
-CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "sampling", "attention", "chain"]
+CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "syncs", "sampling", "attention", "chain"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,8 @@ def test_cpu_run_training_figures(cpu_report):
     numerics = _figures(cpu_report, "numerics")
     assert 0 < numerics["relative_difference"] < 0.05
     assert numerics["steps"] == 3 and numerics["non_finite_losses"] == 0 and numerics["skipped_steps"] == 0
+    syncs = _figures(cpu_report, "syncs")  # the EMA update: a few grouped foreach ops, not one per parameter
+    assert syncs["ema_groups"] == 1 and 0 < syncs["ema_kernels_per_update"] < syncs["ema_parameters"]
 
 
 def test_cpu_run_runner_sampling_attention_chain(cpu_report):

@@ -22,24 +22,27 @@ def all_checks() -> list[Check]:
     wheels not installed) is then one line of advice, not a traceback."""
     from .fsdp import check_fsdp
     from .sampling import check_sampling
+    from .steps import check_step_syncs
     from .system import check_attention, check_chain
     from .training import GOAL_MFU_256, GOAL_MFU_512, GOAL_SPEEDUP_256, check_numerics, check_train_256, check_train_512
 
     return [
         Check("environment", "device memory and practical bf16 matmul peak", "", 10, check_environment),
         Check("train_256", "XL/2-256 bf16 training step, ours vs diffusers, like with like",
-              f">= {GOAL_MFU_256:.0%} MFU and >= {GOAL_SPEEDUP_256}x diffusers", 120, check_train_256),
+              f">= {GOAL_MFU_256:.0%} MFU and >= {GOAL_SPEEDUP_256}x diffusers", 110, check_train_256),
         Check("train_512", "XL/2-512 stage-3 step (multi-scale bucket, micro-conditions)", f">= {GOAL_MFU_512:.0%} MFU",
               50, check_train_512),
         Check("fsdp", "FSDP2 through the runner: resume, peak memory, largest batch at 512 px",
               "identical loss after resume", 110, check_fsdp),
         Check("numerics", "bf16-mixed vs fp32 loss; non-finite steps", "no non-finite step", 25, check_numerics),
+        Check("syncs", "host-device syncs per training step; EMA kernels per update", "0 syncs; a few kernels",
+              20, check_step_syncs),
         Check("sampling", "1024 px DPM-Solver++ speed; exported pipeline vs `pixart-lightning sample`",
               "same image for the same seed", 35, check_sampling),
         Check("attention", "SDPA backends vs math, bf16 forward + backward", "every usable backend agrees", 25,
               check_attention),
         Check("chain", "configs/demo stages 1 -> 2 through the runner on the device", "handoff and summary written",
-              45, check_chain),
+              35, check_chain),
     ]
 
 
