@@ -114,8 +114,9 @@ class Checkpoints(L.Callback):
             entries.append({"step": trainer.global_step, "path": name, "files": describe(path)})
             entries.sort(key=lambda e: e["step"])
             stale = [self.folder / old["path"] for old in entries[: -self.keep]]
+            # The index first: a crash between the two then leaves stray files, never an index of deleted ones.
+            write_json_atomic(self.folder / INDEX, entries[-self.keep:])
             for target in stale + list(self.folder.glob("*.tmp")):  # and what saves killed mid-write left
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            write_json_atomic(self.folder / INDEX, entries[-self.keep:])
         trainer.strategy.barrier("checkpoint recorded")
         return path

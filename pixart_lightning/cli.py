@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 OUTPUT_FORMATS = ("native", "official", "diffusers")
+TRACEBACK = "Traceback (most recent call last):\n"
+WORKER_TRACEBACK = f"\nOriginal {TRACEBACK}"
+"""How torch's ExceptionWrapper embeds a DataLoader worker's traceback in the error it re-raises."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -188,14 +191,18 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_data_ingest(args: argparse.Namespace) -> None:
+    from .data.counts import Counts
     from .data.ingest import ingest
 
     m = ingest(args.sources, args.out, samples_per_shard=args.samples_per_shard)
-    print(f"wrote {m['count']} samples in {len(m['shards'])} shards to {args.out}; skipped: {m['skipped'] or 'none'}")
+    print(f"wrote {m['count']} samples in {len(m['shards'])} shards to {args.out}")
+    print(f"skipped: {Counts.from_fields(m, 'skipped').summary()}")
+    print(f"ignored: {Counts.from_fields(m, 'ignored').summary()}")
 
 
 def cmd_data_caption(args: argparse.Namespace) -> None:
     from .data.caption import recaption
+    from .data.counts import Counts
     from .data.workers import process_rank
 
     rank, world_size = process_rank(args.rank, args.world_size)
@@ -203,23 +210,27 @@ def cmd_data_caption(args: argparse.Namespace) -> None:
                         max_new_tokens=args.max_new_tokens, seed_with_caption=not args.no_seed_caption,
                         dtype=args.dtype, device=args.device, rank=rank, world_size=world_size,
                         image_aspect=args.image_aspect)
-    print(f"captioned {summary['samples_captioned']} samples in {summary['shards_done']} shards "
-          f"({summary['shards_already_done']} done already) -> {args.out}; skipped: {summary['samples_skipped'] or 'none'}")
+    print(f"{summary['count']} samples captioned in {summary['shards_finished']} of {summary['shards']} shards "
+          f"({summary['shards_done']} this run, {summary['shards_already_done']} done already) -> {args.out}; "
+          f"skipped: {Counts.from_fields(summary).summary()}")
 
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from .data.caption_stats import caption_statistics, format_table, read_captions, write_statistics
+    from .data.counts import Counts
 
     columns = dict(column.split("=", 1) if "=" in column else (column, column) for column in args.columns)
-    captions = read_captions(args.source, list(columns.values()))
+    skipped = Counts()
+    captions = read_captions(args.source, list(columns.values()), skipped)
     stats = caption_statistics({name: captions[key] for name, key in columns.items()}, args.valid_min_count)
-    print(format_table(stats))
+    print(format_table(stats, skipped))
     if args.json:
-        write_statistics(stats, args.json)
+        write_statistics({"columns": stats, **skipped.fields()}, args.json)
         print(f"wrote {args.json}")
 
 
 def cmd_data_extract(args: argparse.Namespace) -> None:
+    from .data.counts import Counts
     from .data.extract import ExtractSettings, extract
 
     if args.no_latents and args.no_text:
@@ -234,7 +245,7 @@ def cmd_data_extract(args: argparse.Namespace) -> None:
                      rank=args.rank, world_size=args.world_size)
     if "count" in result:
         print(f"wrote features of {result['count']} samples to {args.out} ({result['bytes'] / 2**20:.1f} MiB); "
-              f"skipped: {result['skipped'] or 'none'}")
+              f"skipped: {Counts.from_fields(result).summary()}")
     else:
         print("this process's shards are done; the manifest is written when the other processes finish")
 
@@ -395,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder; a rerun resumes, skipping finished shards")
     p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="LLaVA hub id or local folder")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per caption at most (default: the limit in the "
+                   "model's generation config)")
     p.add_argument("--no-seed-caption", action="store_true", help="do not show the model the original caption")
     p.add_argument("--image-aspect", choices=("pad", "crop"), default="pad",
                    help="pad: the whole image on a square of the processor's mean colour (PixArt-α, LLaVA's 'pad'); "
@@ -470,22 +482,43 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    command = _command_name(args)
     try:
         args.func(args)
     except Exception as err:
         from callbacks.preemption import Preempted  # late imports: keep `--help` and user errors fast
 
         if isinstance(err, Preempted):  # checkpointed on SIGUSR1; the requeued job (or the same command) resumes
-            print(f"pixart-lightning {args.command}: {err}", file=sys.stderr)
+            print(f"{command}: {err}", file=sys.stderr)
             return 0
         if not isinstance(err, _user_errors()):
             raise  # real crashes keep their traceback
-        message = str(err).strip().splitlines()  # user mistakes: one line, no traceback
-        print(f"pixart-lightning {args.command}: error: {message[0] if message else type(err).__name__}", file=sys.stderr)
+        message = _own_message(err).splitlines()  # user mistakes: one line, no traceback
+        print(f"{command}: error: {message[0] if message else type(err).__name__}", file=sys.stderr)
         for line in message[1:]:
             print(f"  {line}", file=sys.stderr)
         return 2
     return 0
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """The command as typed, with its subcommand if it has one: ``pixart-lightning data extract``."""
+    sub = getattr(args, f"{args.command}_command", None)  # the dest of a command's subparsers (``data_command``)
+    return " ".join(["pixart-lightning", args.command, *([sub] if sub else [])])
+
+
+def _own_message(err: BaseException) -> str:
+    """The error's message as where it was raised. torch re-raises an error of a DataLoader worker in the main
+    process as the same type with the worker's traceback for a message; that is cut back to the error's own text."""
+    text = str(err).strip()
+    if WORKER_TRACEBACK not in text:
+        return text
+    last = text.rsplit(TRACEBACK, 1)[-1].splitlines()
+    raised = "\n".join(last[next((i for i, line in enumerate(last) if not line.startswith(" ")), len(last)):])
+    for name in (f"{type(err).__module__}.{type(err).__qualname__}", type(err).__qualname__):
+        if raised.startswith(f"{name}: "):
+            return raised[len(name) + 2:].strip()
+    return raised.strip()
 
 
 if __name__ == "__main__":

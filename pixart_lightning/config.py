@@ -4,17 +4,20 @@ A config folder (``configs/demo/``, ``configs/pixart-xl2/``) holds ``base.yaml``
 shares) and ``stage1.yaml`` … ``stage3.yaml`` (what each stage changes). A stage's config is
 ``StageConfig`` defaults ← base.yaml ← stageN.yaml ← command-line ``key=value`` overrides
 (``stage2.optim.lr=1e-4`` targets one stage). Unknown keys, wrong types and impossible
-combinations raise :class:`ConfigError` naming the key and the valid choices.
+combinations raise :class:`ConfigError` naming the key, where its value was set (command line, file:line
+or default) and the valid choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -37,7 +40,15 @@ TINY_T5 = "tiny"
 
 
 class ConfigError(ValueError):
-    """A config problem found before training starts; the message names the key."""
+    """Config problems found before training starts; each names the key (once loaded: and where its value is set).
+
+    ``context`` (e.g. ``stage 2``) says which config they belong to.
+    """
+
+    def __init__(self, *problems: str, context: str = ""):
+        self.problems = list(problems)
+        body = problems[0] if len(problems) == 1 else "invalid config:\n  " + "\n  ".join(problems)
+        super().__init__(f"{context}: {body}" if context else body)
 
 
 @dataclass(frozen=True)
@@ -351,7 +362,15 @@ class StageConfig:
         per_device = d.global_batch_size // world
         # The fewest accumulation steps whose micro-batch divides the per-device share and fits in batch_size.
         accumulation = next(a for a in range(1, per_device + 1) if per_device % a == 0 and per_device // a <= d.batch_size)
-        return BatchPlan(micro=per_device // accumulation, accumulation=accumulation, world_size=world)
+        micro = per_device // accumulation
+        if 2 * micro < min(d.batch_size, per_device):  # e.g. 1424 = 16 x 89: batch_size 64 would run micro-batches of 16
+            near = [m for m in range(1, per_device + 1) if per_device % m == 0 and m > micro][:2]
+            raise ConfigError(
+                f"data.batch_size={d.batch_size}: the per-device share of data.global_batch_size={d.global_batch_size} "
+                f"over {world} processes is {per_device}, whose largest divisor up to {d.batch_size} is {micro} "
+                f"({accumulation} accumulation steps of {micro}); use a divisor of {per_device} such as "
+                + " or ".join(f"{m} ({per_device // m} steps)" for m in [micro, *near]))
+        return BatchPlan(micro=micro, accumulation=accumulation, world_size=world)
 
     def pixart_config(self, **extra: Any) -> PixArtConfig:
         """The backbone config this stage trains (before any handoff changes)."""
@@ -447,7 +466,7 @@ def validate(cfg: StageConfig) -> StageConfig:
         if "name" not in phase:
             problems.append(f"phases[{i}] needs a name (it names the sub-run folder)")
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError(*problems)
     return cfg
 
 
@@ -486,8 +505,8 @@ def _merge(*layers: Any) -> StageConfig:
         raise ConfigError(str(err).splitlines()[0]) from None
 
 
-def stage_overrides(overrides: list[str], stage: int) -> DictConfig:
-    """``key=value`` pairs for this stage: plain keys apply to every stage, ``stageN.key`` to stage N only."""
+def _stage_dotlist(overrides: list[str], stage: int) -> list[str]:
+    """The ``key=value`` pairs for this stage: plain keys apply to every stage, ``stageN.key`` to stage N only."""
     picked = []
     for item in overrides:
         if "=" not in item:
@@ -501,10 +520,82 @@ def stage_overrides(overrides: list[str], stage: int) -> DictConfig:
                 picked.append(f"{rest}={value}")
         else:
             picked.append(item)
+    return picked
+
+
+def stage_overrides(overrides: list[str], stage: int) -> DictConfig:
+    """The command-line overrides that apply to this stage, as a config layer."""
     try:
-        return OmegaConf.from_dotlist(picked)
+        return OmegaConf.from_dotlist(_stage_dotlist(overrides, stage))
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad override: {err}") from None
+
+
+def _is_leaf_field(key: str) -> bool:
+    """Whether a dotted key names a value of StageConfig (not a section)."""
+    parent, _, name = key.rpartition(".")
+    return name in _section_fields(parent) and not _section_fields(key)
+
+
+KEY_PATTERN = r"[A-Za-z_]\w*(?:\.\w+)*"
+"""A dotted key as problems name it (``data.resolution``)."""
+
+
+def _yaml_line(path: Path, key: str) -> int | None:
+    """The line of ``path`` that sets the dotted ``key`` (list items by index: ``phases.1.data.resolution``) to a
+    value, not a section; None where the file does not set it."""
+    node, line = yaml.compose(path.read_text()), None
+    for part in key.split("."):
+        if isinstance(node, yaml.MappingNode):
+            found = [(k.start_mark.line, v) for k, v in node.value if k.value == part]
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            found = [(node.value[int(part)].start_mark.line, node.value[int(part)])]
+        else:
+            return None
+        if not found:
+            return None
+        line, node = found[-1][0] + 1, found[-1][1]
+    return None if isinstance(node, yaml.MappingNode) else line
+
+
+@dataclass(frozen=True)
+class ValueOrigins:
+    """Where a stage's values are set, the first that sets a key winning: the command line, then (for a phase)
+    its entry in the stage file, the stage file, base.yaml; a config field none of them sets has its default.
+
+    omegaconf keeps no origin or line with a merged value, so a key is looked up in each source again.
+    """
+
+    overridden: tuple[str, ...]
+    """The keys this stage's command-line overrides set."""
+    files: tuple[Path, ...]
+    """The stage file, then base.yaml; empty when the config folder is unknown."""
+
+    @classmethod
+    def of_stage(cls, folder: str | Path | None, stage: int, overrides: list[str]) -> ValueOrigins:
+        files = (Path(folder) / f"stage{stage}.yaml", Path(folder) / "base.yaml") if folder else ()
+        keys = tuple(item.split("=", 1)[0] for item in _stage_dotlist(overrides, stage))
+        return cls(keys, tuple(f for f in files if f.is_file()))
+
+    def origin(self, key: str, phase: int | None = None) -> str | None:
+        """``command line``, ``FILE:LINE`` or ``default``; None for a key no source sets and no field has."""
+        if any(key == k or key.startswith(f"{k}.") for k in self.overridden):
+            return "command line"
+        lookups = [(self.files[0], f"phases.{phase}.{key}")] if phase is not None and self.files else []
+        for path, dotted in [*lookups, *((f, key) for f in self.files)]:
+            if (line := _yaml_line(path, dotted)) is not None:
+                return f"{path}:{line}"
+        return "default" if self.files and _is_leaf_field(key) else None
+
+    def blame(self, problem: str, phase: int | None = None) -> str:
+        """The problem led by the origin of the first key it names; the origins of other values it shows
+        (``key=value``) follow it."""
+        first = next((key for key in re.findall(KEY_PATTERN, problem) if self.origin(key, phase)), None)
+        if first is None:
+            return problem
+        shown = [key for key in dict.fromkeys(re.findall(f"({KEY_PATTERN})=", problem)) if key != first]
+        others = [f"{key}: {origin}" for key in shown if (origin := self.origin(key, phase))]
+        return f"{self.origin(first, phase)}: {problem}" + (f" [{', '.join(others)}]" if others else "")
 
 
 def load_stage(folder: str | Path, stage: int, overrides: list[str] | None = None) -> StageConfig:
@@ -521,25 +612,32 @@ def load_stage(folder: str | Path, stage: int, overrides: list[str] | None = Non
     layers.append(stage_overrides(overrides or [], stage))
     try:
         cfg = validate(_merge(*layers))
-        cfg.overrides = list(overrides or [])
-        return cfg
     except ConfigError as err:
-        raise ConfigError(f"{stage_file}: {err}") from None
+        origins = ValueOrigins.of_stage(folder, stage, overrides or [])
+        raise ConfigError(*(origins.blame(p) for p in err.problems), context=f"stage {stage}") from None
+    cfg.overrides = list(overrides or [])
+    return cfg
 
 
-def phase_configs(cfg: StageConfig) -> list[tuple[str | None, StageConfig]]:
+def phase_configs(cfg: StageConfig, folder: str | Path | None = None) -> list[tuple[str | None, StageConfig]]:
     """The stage's sub-runs: ``[(None, cfg)]``, or one validated config per entry of ``phases``.
 
     Command-line overrides are applied again on top of each phase, so they win over the phase's values.
+    ``folder`` (the config folder) lets errors name the file and line that set a value.
     """
     if not cfg.phases:
         return [(None, cfg)]
     base = OmegaConf.structured(dataclasses.replace(cfg, phases=[]))
     again = stage_overrides(cfg.overrides, cfg.stage)
     out = []
-    for phase in cfg.phases:
+    for index, phase in enumerate(cfg.phases):
         changes = OmegaConf.create({k: v for k, v in phase.items() if k != "name"})
-        phase_cfg = validate(_merge(base, changes, again))
+        try:
+            phase_cfg = validate(_merge(base, changes, again))
+        except ConfigError as err:
+            origins = ValueOrigins.of_stage(folder, cfg.stage, cfg.overrides)
+            raise ConfigError(*(origins.blame(p, index) for p in err.problems),
+                              context=f"stage {cfg.stage} ({phase.get('name', index)})") from None
         phase_cfg.overrides = cfg.overrides
         out.append((str(phase["name"]), phase_cfg))
     return out

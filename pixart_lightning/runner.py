@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from stages import STAGE_MODULES
 from .config import PIXEL_SPACE, STAGES, TINY_T5, ConfigError, StageConfig, load_stage, phase_configs, to_yaml
 from .data.module import ShardDataModule
 from .data.shards import DataError, data_buckets, read_manifest, resolve_sources
+from .data.synth import MANIFEST as SHAPES_MANIFEST
 from .data.synth import synthesize
 from .evaluation import alignment
 from .files import atomic_write, note_written, sha256, write_json_atomic
@@ -54,6 +56,7 @@ from .vae import VAE, LazyVAE, PixelSpace
 
 FINAL, FINAL_EMA, MANIFEST = "final.safetensors", "final-ema.safetensors", "manifest.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES_WORLD = "the shapes world"
 
 
 class RunnerError(RuntimeError):
@@ -96,7 +99,7 @@ def plan(folder: str | Path, overrides: list[str] | None = None) -> list[Unit]:
     units = []
     for stage in stage_numbers:
         cfg = load_stage(folder, stage, overrides)
-        units += [Unit(stage, phase, phase_cfg) for phase, phase_cfg in phase_configs(cfg)]
+        units += [Unit(stage, phase, phase_cfg) for phase, phase_cfg in phase_configs(cfg, folder)]
     return units
 
 
@@ -124,15 +127,21 @@ def run(
 
 
 def check_paths(units: list[Unit]) -> None:
-    """Every local path the selected units read must exist before any of them starts (hub ids are not checked)."""
+    """Every local path the selected units read must exist before any of them starts (hub ids are not checked);
+    a folder that a unit's ``data.synth`` will write counts as there."""
+    synthesized = {u.cfg.data.shards for u in units
+                   if u.cfg.data.synth is not None and _held_dataset(u.cfg.data.shards) in (None, SHAPES_WORLD)}
     problems = []
     for unit in units:
         cfg = unit.cfg
-        if cfg.data.synth is None:
+        reads = {"data.shards": cfg.data.shards} | ({"fid.reference": cfg.fid.reference} if cfg.fid.enabled else {})
+        for key, spec in reads.items():
+            if spec in synthesized:
+                continue
             try:
-                resolve_sources(cfg.data.shards)
+                resolve_sources(spec)
             except DataError as err:
-                problems.append(f"{unit.label}: data.shards: {err}")
+                problems.append(f"{unit.label}: {key}: {err}")
         if cfg.model.init_from and not Path(cfg.model.init_from).exists() and _looks_local(cfg.model.init_from):
             problems.append(f"{unit.label}: model.init_from: {cfg.model.init_from} does not exist")
         for key, name in (("vae.name", cfg.vae.name), ("text_encoder.name", cfg.text_encoder.name)):
@@ -225,18 +234,43 @@ def load_vae(
     return VAE.from_pretrained(name, scale_factor=scale_factor, dtype=DTYPES[dtype])
 
 
+def _held_dataset(spec: str) -> str | None:
+    """What ``data.shards`` holds already: ``SHAPES_WORLD``, a description of another dataset, or None (nothing
+    readable: a new or empty folder)."""
+    if (Path(spec) / SHAPES_MANIFEST).is_file():
+        return SHAPES_WORLD
+    try:
+        sources = resolve_sources(spec)
+    except DataError:
+        return None
+    if Path(sources[0]).is_dir():
+        return "an image folder"
+    kind = read_manifest(spec).get("kind")
+    return f"a dataset of {len(sources)} .tar shard(s)" + (f" ({kind})" if kind else "")
+
+
 def prepare_data(cfg: StageConfig, granularity: int) -> None:
-    """Write the embedded world's shards if the config asks for them and they are not there yet."""
+    """Write the embedded world's shards if the config asks for them and ``data.shards`` holds no dataset yet;
+    one that holds another dataset (the user's own shards or features) is trained on as it is."""
     d, synth = cfg.data, cfg.data.synth
     if synth is None:
         return
-    synthesize(
-        d.shards, count=synth.count, seed=synth.seed, resolution=d.resolution,
-        buckets=list(data_buckets(d.resolution, granularity, True, d.min_ratio, d.max_ratio).values())
-        if d.multi_scale else None,
-        two_shape_fraction=synth.two_shape_fraction, templates=synth.templates, samples_per_shard=synth.samples_per_shard,
-        progress=cfg.train.progress_bar,
-    )
+    held = _held_dataset(d.shards)
+    if held not in (None, SHAPES_WORLD):
+        print(f"data.shards={d.shards} holds {held}: training on it as it is (data.synth writes the shapes world "
+              "only into a new or empty folder)", flush=True)
+        return
+    try:
+        synthesize(
+            d.shards, count=synth.count, seed=synth.seed, resolution=d.resolution,
+            buckets=list(data_buckets(d.resolution, granularity, True, d.min_ratio, d.max_ratio).values())
+            if d.multi_scale else None,
+            two_shape_fraction=synth.two_shape_fraction, templates=synth.templates,
+            samples_per_shard=synth.samples_per_shard, progress=cfg.train.progress_bar,
+        )
+    except FileExistsError as err:
+        fix = "set data.synth=null to train on it as it is, or set data.shards" if held else "set data.shards"
+        raise ConfigError(f"data.shards: {err}; {fix} to a new or empty folder") from None
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -394,11 +428,9 @@ def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path
         return None
     weights = parent.dir / FINAL
     if not parent.done:
-        raise RunnerError(
-            f"{unit.label} starts from {parent.label}'s final weights, which do not exist yet ({weights}). "
-            f"Run {parent.label} first: make stage{parent.stage} "
-            f"(or pixart-lightning run {folder or 'CONFIG'} --stages {parent.stage})"
-        )
+        command = ["pixart-lightning", "run", str(folder or "CONFIG"), "--stages", str(parent.stage), *unit.cfg.overrides]
+        raise RunnerError(f"{unit.label} starts from {parent.label}'s final weights, which do not exist yet ({weights}). "
+                          f"Run {parent.label} first: {shlex.join(command)}")
     return weights
 
 

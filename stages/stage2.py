@@ -26,13 +26,14 @@ class TextAlignment(DiffusionStage):
         return class_to_text(parent, caption_channels=caption_channels, class_dropout_prob=cfg.model.class_dropout_prob)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Trim precomputed captions' padding to the batch's longest caption rounded up to a multiple of
-        ``CAPTION_LENGTH_MULTIPLE`` (few distinct lengths: few kernel plans and compilations), while the batch is
+        """Cut or pad precomputed captions to the batch's longest caption rounded up to a multiple of
+        ``CAPTION_LENGTH_MULTIPLE``, at most the model's caption length (few distinct lengths: few kernel plans
+        and compilations), while the batch is
         on the host, where reading the mask costs no device sync; a batch of full-length captions loses its mask
         (attention's fastest kernel)."""
         if "caption_features" in batch:
             batch["caption_features"], batch["caption_mask"] = trim_caption_padding(
-                batch["caption_features"], batch["caption_mask"])
+                batch["caption_features"], batch["caption_mask"], limit=self.model.cfg.max_caption_tokens)
         return batch
 
     def caption_features(self, batch: dict[str, Any]) -> dict[str, Tensor | None]:

@@ -84,19 +84,21 @@ def test_the_stage_sets_its_backend_on_the_model_and_its_average() -> None:
 
 @pytest.mark.parametrize("lengths,width,kept", [
     ([3, 7, 5], 120, 16), ([16, 2], 120, 16), ([17, 1], 120, 32), ([100, 3], 120, 112), ([113, 3], 120, 120),
-    ([3, 5], 8, 8), ([0, 0], 120, 16), ([16, 16], 120, 16),
+    ([3, 5], 8, 16), ([37, 21], 37, 48), ([0, 0], 120, 16), ([16, 16], 120, 16), ([16, 16], 16, 16),
 ])
 def test_stage_2_trims_captions_to_a_multiple_of_16(lengths: list[int], width: int, kept: int) -> None:
-    """The batch's longest caption rounded up to a multiple of 16, at most the full width; the mask is kept
-    where some padding is left."""
+    """The batch's longest caption rounded up to a multiple of 16 (padded up when the loader padded the batch only
+    to its longest caption), at most the model's caption length; the mask is kept where some padding is left."""
     assert CAPTION_LENGTH_MULTIPLE == 16
     y, mask = _captions(lengths, width)
     batch = small_stage2(1).on_before_batch_transfer({"caption_features": y, "caption_mask": mask}, 0)
-    assert torch.equal(batch["caption_features"], y[:, :kept])
-    if mask[:, :kept].all():
+    padded_y = torch.nn.functional.pad(y, (0, 0, 0, max(0, kept - width)))[:, :kept]
+    padded_mask = torch.nn.functional.pad(mask, (0, max(0, kept - width)))[:, :kept]
+    assert torch.equal(batch["caption_features"], padded_y)
+    if padded_mask.all():
         assert batch["caption_mask"] is None
     else:
-        assert torch.equal(batch["caption_mask"], mask[:, :kept])
+        assert torch.equal(batch["caption_mask"], padded_mask)
 
 
 def test_bucketed_padding_gives_the_unpadded_output() -> None:

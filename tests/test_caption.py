@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 from webdataset import TarWriter
 
-from pixart_lightning.data.caption import DENSE_KEY, PROMPT, Captioner, caption_prompt, recaption
+from pixart_lightning.data.caption import (
+    DENSE_KEY,
+    FALLBACK_MAX_NEW_TOKENS,
+    PROMPT,
+    Captioner,
+    caption_prompt,
+    recaption,
+)
 from pixart_lightning.data.shards import DataError, tar_shards
 from pixart_lightning.hub import ModelNotAvailableError
 from pixart_lightning.tiny_models import build_tiny_llava
@@ -142,9 +149,11 @@ def test_samples_keep_their_members_and_gain_a_dense_caption(captioned: tuple[Pa
             assert members[DENSE_KEY].decode("utf-8").strip()
 
     assert summary["shards_done"] == 2 and summary["shards_already_done"] == 0
-    assert summary["samples_captioned"] == 5 and summary["samples_skipped"] == {"undecodable image": 1}
-    assert summary["tar_errors"] == {} and summary["image_aspect"] == "pad"  # the whole image by default
-    assert json.loads((out / "caption-manifest.json").read_text()) == summary
+    assert summary["count"] == 5 and summary["skipped"] == {"undecodable (UnidentifiedImageError)": 1}
+    assert [Path(n).name for n in summary["skipped_names"]["undecodable (UnidentifiedImageError)"]] == [f"{SHARDS[0]}:a1"]
+    assert summary["image_aspect"] == "pad"  # the whole image by default
+    manifest = json.loads((out / "caption-manifest.json").read_text())
+    assert manifest == {k: v for k, v in summary.items() if k not in ("shards_done", "shards_already_done")}
     assert json.loads((out / "manifest.json").read_text()) == {"bucket_counts": {"32x32": 5}}
 
 
@@ -154,12 +163,14 @@ def test_rerun_skips_finished_shards_without_loading_the_model(source: Path, cap
     shutil.copytree(captioned[0], out)
     before = {name: (out / name).read_bytes() for name in SHARDS}
     summary = recaption(str(source), out, model=str(tmp_path / "no-such-model"), progress=False)
-    assert (summary["shards_done"], summary["shards_already_done"], summary["samples_captioned"]) == (0, 2, 0)
+    assert (summary["shards_done"], summary["shards_already_done"]) == (0, 2)
     assert {name: (out / name).read_bytes() for name in SHARDS} == before
+    manifest = json.loads((out / "caption-manifest.json").read_text())  # the totals survive a rerun
+    assert (manifest["count"], manifest["shards_finished"], manifest["skipped"]) == (5, 2, captioned[1]["skipped"])
 
     (out / SHARDS[1]).unlink()
     summary = recaption(str(source), out, model=str(tiny_llava), batch_size=2, max_new_tokens=8, progress=False)
-    assert (summary["shards_done"], summary["shards_already_done"], summary["samples_captioned"]) == (1, 1, 3)
+    assert (summary["shards_done"], summary["shards_already_done"], summary["count"]) == (1, 1, 5)
     assert read_tar(out / SHARDS[1]) == read_tar(captioned[0] / SHARDS[1])  # greedy decoding is deterministic
 
 
@@ -168,13 +179,13 @@ def test_ranks_split_shards_by_index(source: Path, captioned: tuple[Path, dict],
     summary = recaption(f"{source}/shard-{{000000..000001}}.tar", tmp_path, model=str(tiny_llava), batch_size=2,
                         max_new_tokens=8, rank=0, world_size=2, progress=False)
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == [SHARDS[0]]
-    assert (summary["shards_done"], summary["samples_captioned"]) == (1, 2)
-    assert json.loads((tmp_path / "caption-manifest-rank0.json").read_text())["rank"] == 0
+    assert (summary["shards_done"], summary["count"], summary["shards_finished"], summary["shards"]) == (1, 2, 1, 2)
     assert read_tar(tmp_path / SHARDS[0]) == read_tar(captioned[0] / SHARDS[0])
 
 
 def test_truncated_shard_keeps_its_complete_samples(tmp_path: Path, tiny_llava: Path) -> None:
-    """The tar breaks inside s3's image: s3 is lost, and s2, still open then (it might have had more members), too."""
+    """The tar breaks inside s3's image: s3 is lost, every sample before it is captioned (as ingest and extract
+    keep them), and the cut is counted once."""
     noise = Image.effect_noise((32, 32), 64).convert("RGB")  # incompressible enough to span several tar blocks
     whole = tmp_path / "whole.tar"
     with TarWriter(str(whole), encoder=False) as sink:
@@ -187,9 +198,8 @@ def test_truncated_shard_keeps_its_complete_samples(tmp_path: Path, tiny_llava: 
     (tmp_path / "src" / "cut.tar").write_bytes(data[: data.index(b"s3.png") + 1024])
     summary = recaption(str(tmp_path / "src"), tmp_path / "out", model=str(tiny_llava), max_new_tokens=4,
                         progress=False)
-    assert list(read_tar(tmp_path / "out" / "cut.tar")) == ["s0", "s1"]
-    assert summary["samples_skipped"] == {"incomplete (tar read error)": 1}
-    assert summary["tar_errors"] and summary["samples_captioned"] == 2
+    assert list(read_tar(tmp_path / "out" / "cut.tar")) == ["s0", "s1", "s2"]
+    assert summary["skipped"] == {"unreadable tar data (ReadError)": 1} and summary["count"] == 3
 
 
 def test_sources_without_shards_are_rejected(tmp_path: Path) -> None:
@@ -207,3 +217,24 @@ def test_unreachable_hub_model_fails_clearly(source: Path, tmp_path: Path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotAvailableError, match="LLaVA processor 'pixart-lightning-tests/no-such-llava'"):
         recaption(str(source), tmp_path / "out", model="pixart-lightning-tests/no-such-llava", progress=False)
+
+
+def test_new_tokens_follow_the_model_and_each_shard_reports_its_speed(source: Path, tiny_llava: Path,
+                                                                      tmp_path: Path, capsys) -> None:
+    """The random tiny LLaVA never stops: without --max-new-tokens its generation config's limit holds, the option
+    overrides it, and every finished shard prints its tokens/s and the ETA of the rest."""
+    model = tmp_path / "llava-3-tokens"
+    shutil.copytree(tiny_llava, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(config | {"max_new_tokens": 3}))
+    assert Captioner(str(tiny_llava)).max_new_tokens == FALLBACK_MAX_NEW_TOKENS
+    assert Captioner(str(model), max_new_tokens=5).max_new_tokens == 5
+    captioner = Captioner(str(model))
+    captions, tokens = captioner.caption([Image.new("RGB", (32, 32), (200, 0, 0))] * 2, [None, "red"])
+    assert captioner.max_new_tokens == 3 and tokens == 6 and all(captions)
+
+    summary = recaption(str(source), tmp_path / "out", model=str(model), batch_size=2, progress=False)
+    reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("caption: ")]
+    assert [line.split()[1] for line in reports] == [f"{name}:" for name in SHARDS]
+    assert all("tokens/s" in line and "ETA" in line for line in reports)
+    assert summary["new_tokens"] == 3 * summary["count"] and summary["max_new_tokens"] is None

@@ -45,7 +45,7 @@ def test_wrong_type_and_bad_choice() -> None:
 
 
 def test_resolution_must_fit_patch_and_vae() -> None:
-    with pytest.raises(ConfigError, match=r"(?s)stage3.yaml: .*data.resolution=50 is not divisible by patch size"):
+    with pytest.raises(ConfigError, match=r"^stage 3: command line: data.resolution=50 is not divisible by patch size"):
         load_stage(CONFIGS / "demo", 3, ["data.resolution=50"])
 
 

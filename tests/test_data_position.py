@@ -27,14 +27,17 @@ def spec(shards: Path, **changes) -> DataSection:
     return DataSection(**{**fields, **changes})
 
 
-def write_feature_shards(folder: Path, shards: int, per_shard: int, t5_shape: tuple[int, int]) -> Path:
-    """Tars of precomputed-feature samples (2x2 latents, the given T5 features, a caption)."""
+def write_feature_shards(folder: Path, shards: int, per_shard: int, t5_shape: tuple[int, int],
+                         varied: bool = False) -> Path:
+    """Tars of precomputed-feature samples (2x2 latents, the given T5 features, a caption); ``varied``: caption
+    lengths from 1 to ``t5_shape[0]``, as trimmed T5 features are."""
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         with tarfile.open(folder / f"{s:04d}.tar", "w") as tar:
             for i in range(per_shard):
+                length = 1 + (i * 37 + s * 11) % t5_shape[0] if varied else t5_shape[0]
                 feats = encode_features(latent_mean=torch.full((4, 2, 2), float(i)), latent_std=torch.ones(4, 2, 2),
-                                        t5=torch.full(t5_shape, float(s), dtype=torch.bfloat16))
+                                        t5=torch.full((length, t5_shape[1]), float(s), dtype=torch.bfloat16))
                 for ext, data in (("txt", f"sample {s}-{i}".encode()), (FEATURES_KEY, feats)):
                     info = tarfile.TarInfo(f"{s:04d}-{i:04d}.{ext}")
                     info.size = len(data)
@@ -129,6 +132,17 @@ def test_shuffle_buffer_stays_within_its_byte_budget(tmp_path: Path) -> None:
     assert max(held) * sample_bytes <= 2**20 and max(held) == 2**20 // sample_bytes
     counted = [len(b["position"].buffer) for b in itertools.islice(ShardStream(spec(s.shards, shuffle_buffer=8)), 20)]
     assert set(counted) == {7}
+
+
+def test_resume_is_exact_when_the_byte_budget_binds(tmp_path: Path) -> None:
+    """Samples of 1 to 120 caption tokens in a budget of a few of them: one large sample can take several pops,
+    and a batch can end in the middle of them; a resume from any batch still continues the same sequence."""
+    s = spec(write_feature_shards(tmp_path, shards=4, per_shard=30, t5_shape=(120, 64), varied=True), batch_size=2,
+             shuffle_buffer=100, shuffle_buffer_mb=0.05)
+    whole = list(itertools.islice(ShardStream(s), 70))
+    for k in range(1, 60):
+        resumed = ShardStream(s, skip_batches=k, positions=newest_positions(whole[:k]))
+        assert keys(itertools.islice(resumed, 10)) == keys(whole[k:k + 10]), k
 
 
 class KeyRecorder(L.LightningModule):

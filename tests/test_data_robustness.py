@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -13,11 +15,15 @@ from PIL import Image
 
 from pixart_lightning.config import DataSection
 from pixart_lightning.data.buckets import bucket_table
+from pixart_lightning.data.caption import recaption
+from pixart_lightning.data.caption_stats import caption_statistics, format_table, read_captions
+from pixart_lightning.data.counts import Counts
 from pixart_lightning.data.extract import ExtractSettings, extract
 from pixart_lightning.data.features import decode_features, encode_features
 from pixart_lightning.data.ingest import ingest
 from pixart_lightning.data.samples import caption_text, fit_to_bucket, open_image, original_size, sample_meta
 from pixart_lightning.data.shards import DataError, ShardStream, resolve_sources
+from pixart_lightning.tiny_models import build_tiny_llava
 from tests.test_ingest_extract import all_samples, jpeg, write_tar
 
 
@@ -119,3 +125,81 @@ def test_loader_stops_when_the_bucket_schedule_cannot_be_met(tmp_path: Path) -> 
     spec = DataSection(shards=str(tmp_path), resolution=32, multi_scale=True, batch_size=1, shuffle_buffer=1)
     with pytest.raises(DataError, match="bucket_counts do not match"):
         next(iter(ShardStream(spec, granularity=8)))
+
+
+def test_every_tool_keeps_what_precedes_the_cut_of_a_truncated_tar(tmp_path: Path) -> None:
+    """Cut inside s3's image: ingest, caption, stats and extract all keep s0-s2 and count the cut once."""
+    members = []
+    for i in range(4):
+        noise = Image.effect_noise((32, 32), 30 + i).convert("RGB")  # spans several tar blocks
+        members += [(f"s{i}.png", encoded(noise, "PNG")), (f"s{i}.txt", f"noise {i}".encode())]
+    data = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "cut.tar").write_bytes(data[: data.index(b"s3.png") + 1024])
+    source, cut = str(tmp_path / "src"), {"unreadable tar data (ReadError)": 1}
+
+    ingested = ingest([source], tmp_path / "ingested", progress=False)
+    assert [json.loads(s["json"])["source"].split(":")[-1] for s in all_samples(tmp_path / "ingested")] == ["s0", "s1", "s2"]
+    captioned = recaption(source, tmp_path / "dense", model=str(build_tiny_llava(tmp_path / "llava")),
+                          max_new_tokens=2, progress=False)
+    assert [s["__key__"] for s in all_samples(tmp_path / "dense")] == ["s0", "s1", "s2"]
+    skipped = Counts()
+    assert read_captions(source, ("txt",), skipped) == {"txt": ["noise 0", "noise 1", "noise 2"]}
+    extracted = extract(source, tmp_path / "features", ExtractSettings(vae="pixel", text_encoder=None, resolution=16),
+                        progress=False)
+    assert (ingested["count"], captioned["count"], extracted["count"]) == (3, 3, 3)
+    assert ingested["skipped"] == captioned["skipped"] == skipped.counts == extracted["skipped"] == cut
+    assert format_table(caption_statistics({"original": []}), skipped).endswith(
+        f"skipped: unreadable tar data (ReadError): 1 ({tmp_path / 'src' / 'cut.tar'})")
+
+
+def test_ingest_takes_every_format_pil_opens_and_names_what_it_ignores(tmp_path: Path) -> None:
+    """GIF, TIFF and BMP (in a folder or a tar) are stored as the PNG every tool decodes from them; a tar member,
+    a file or a caption that ingest does not take is named in the manifest."""
+    photo = Image.effect_noise((24, 16), 50).convert("RGB")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for fmt in ("GIF", "TIFF", "BMP"):
+        (folder / f"a-{fmt.lower()}.{fmt.lower()}").write_bytes(encoded(photo, fmt))
+    (folder / "lost.txt").write_text("a caption without its image")
+    (folder / "data.xyz").write_text("?")
+    (tmp_path / "tars").mkdir()
+    write_tar(tmp_path / "tars" / "s.tar", [("0.gif", encoded(photo, "GIF")), ("0.xyz", b"?")])
+    (tmp_path / "tars" / "notes.md").write_text("beside the shards")
+    manifest = ingest([str(folder), str(tmp_path / "tars")], tmp_path / "out", progress=False)
+    stored = {json.loads(s["json"])["source"]: s for s in all_samples(tmp_path / "out")}
+    assert manifest["count"] == len(stored) == 4 and all("png" in s for s in stored.values())
+    tiff = stored[f"{folder}:a-tiff"]
+    assert open_image(tiff["png"]).tobytes() == open_image(encoded(photo, "TIFF")).tobytes()
+    assert json.loads(tiff["json"])["converted_from"] == "tiff"
+    assert manifest["ignored_names"] == {
+        "caption or metadata with no image": [str(folder / "lost.txt")],
+        "not a tar shard (in a folder of shards)": [str(tmp_path / "tars" / "notes.md")],
+        "unsupported extension": [str(folder / "data.xyz")],
+        "unsupported tar member": [f"{tmp_path / 'tars' / 's.tar'}:0.xyz"]}
+
+
+def test_ingest_output_follows_the_umask(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(jpeg((16, 16)))
+    previous = os.umask(0o022)
+    try:
+        ingest([str(tmp_path / "images")], tmp_path / "out", progress=False)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_extract_refuses_what_training_refuses_before_loading_a_model(tmp_path: Path) -> None:
+    """The resolution (the multi-scale base too) must be a multiple of patch size x VAE factor, as in the stage
+    config; the VAE named here does not exist, so any model load would fail otherwise."""
+    write_tar(tmp_path / "s.tar", [("0.jpg", jpeg((16, 16))), ("0.txt", b"x")])
+    for multi_scale in (False, True):
+        settings = ExtractSettings(vae=str(tmp_path / "no-vae"), text_encoder=None, resolution=50,
+                                   multi_scale=multi_scale)
+        with pytest.raises(ValueError, match="data.resolution=50 .* nearest valid resolutions are 48 or 64"):
+            extract(str(tmp_path), tmp_path / "f", settings, progress=False)
+    with pytest.raises(ValueError, match="nearest valid resolutions are 16$"):
+        extract(str(tmp_path), tmp_path / "f", ExtractSettings(vae="pixel", text_encoder=None, resolution=12,
+                                                              patch_size=16), progress=False)
+    assert not (tmp_path / "f").exists()

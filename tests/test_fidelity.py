@@ -162,3 +162,20 @@ def test_checkpoints_sit_on_step_boundaries_under_accumulation(tmp_path: Path) -
                         callbacks=[Spy(tmp_path / "checkpoints", 1, 5)], default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=DataLoader(GlobalBatches(0, 3, 0, 1, 2), batch_size=None))
     assert [step for step, _ in saved] == [1, 2, 3] and all(batch % 2 == 1 for _, batch in saved)
+
+
+def test_a_batch_size_that_forces_tiny_micro_batches_is_refused() -> None:
+    """1,424 images per GPU (stage 2 on 8 GPUs) = 16 x 89: data.batch_size=64 would run micro-batches of 16."""
+    with pytest.raises(ConfigError, match=r"data.batch_size=64: the per-device share of data.global_batch_size=11392 "
+                                          r"over 8 processes is 1424, whose largest divisor up to 64 is 16 \(89 "
+                                          r"accumulation steps of 16\); use a divisor of 1424 such as 16 \(89 steps\) "
+                                          r"or 89 \(16 steps\)"):
+        load_stage(CONFIGS / "pixart-xl2", 2, ["data.batch_size=64"])
+    assert load_stage(CONFIGS / "pixart-xl2", 2, ["data.batch_size=89"]).batch_plan().accumulation == 16
+
+
+def test_ranks_agree_on_preemption_at_least_every_step_under_accumulation() -> None:
+    """About 10 micro-batches between agreements: a paper-scale step of 8 micro-batches takes seconds."""
+    from callbacks.preemption import agreement_interval
+
+    assert [agreement_interval(a) for a in (1, 2, 8, 64)] == [10, 5, 1, 1]

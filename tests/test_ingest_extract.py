@@ -75,7 +75,7 @@ def test_ingest_image_folder(tmp_path: Path) -> None:
     (images / "broken.jpg").write_bytes(jpeg((64, 64))[:200])
     manifest = ingest([str(tmp_path / "images")], tmp_path / "a", samples_per_shard=2, progress=False)
     assert manifest["count"] == 3 and manifest["skipped"] == {"undecodable (OSError)": 1}
-    assert "broken" in manifest["skipped_keys"][0]
+    assert manifest["skipped_names"]["undecodable (OSError)"] == [f"{tmp_path / 'images'}:sub/broken"]
     assert len(manifest["shards"]) == 2 and sum(manifest["bucket_counts"].values()) == 3
     got = {json.loads(s["json"])["source"].split(":")[-1]: s for s in all_samples(tmp_path / "a")}
     wide, tall, nocap = got["sub/wide.photo"], got["sub/tall"], got["sub/nocap"]
@@ -143,6 +143,20 @@ def test_extract_latents_per_bucket_and_trimmed_t5(tmp_path: Path, tiny: dict[st
     assert again["count"] == 24 and written == {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}  # none redone
     with pytest.raises(FileExistsError, match="other settings"):
         extract(str(shards), out, ExtractSettings(vae="pixel", text_encoder=None, resolution=32), progress=False)
+
+
+def test_a_failed_extract_leaves_nothing_a_corrected_rerun_must_match(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    """The settings are recorded with the first finished shard: a run that fails on loading its T5 leaves no
+    extract.json (and no partial shard), so the rerun with the right T5 is not refused for "other settings"."""
+    shards, out = tmp_path / "world", tmp_path / "features"
+    synthesize(shards, count=6, seed=0, resolution=16, samples_per_shard=3, progress=False)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        extract(str(shards), out, ExtractSettings(vae="pixel", text_encoder=str(tmp_path / "no-t5"), resolution=16),
+                progress=False)
+    assert list(out.iterdir()) == []
+    manifest = extract(str(shards), out, ExtractSettings(vae="pixel", text_encoder=str(tiny["t5"]), resolution=16),
+                       progress=False)
+    assert manifest["count"] == 6 and json.loads((out / "extract.json").read_text())["text_encoder"] == str(tiny["t5"])
 
 
 def test_training_on_extracted_features_matches_on_the_fly(tmp_path: Path, tiny: dict[str, Path]) -> None:
@@ -215,6 +229,7 @@ def test_cli_stats_prints_the_table_and_writes_json(tmp_path: Path, capsys) -> N
     write_tar(tmp_path / "s.tar", members)
     assert main(["data", "stats", str(tmp_path), "--json", str(tmp_path / "stats.json")]) == 0
     out = capsys.readouterr().out
-    assert "original" in out and "dense" in out and "nouns/caption" in out
+    assert "original" in out and "dense" in out and "nouns/caption" in out and "skipped: none" in out
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["original"]["total_nouns"] == 2 and stats["dense"]["nouns_per_caption"] == 3.0
+    assert stats["columns"]["original"]["total_nouns"] == 2 and stats["columns"]["dense"]["nouns_per_caption"] == 3.0
+    assert stats["skipped"] == {}

@@ -72,7 +72,7 @@ def test_image_folder_with_bad_files(tmp_path: Path) -> None:
     (tmp_path / "img4.txt").write_text("   ")
     batch = take(ShardStream(spec(tmp_path, batch_size=4, shuffle_buffer=1)), 1)[0]
     assert sorted(batch["key"]) == ["img0", "img1", "img3", "img5"]
-    assert batch["skipped"] == {"undecodable (UnidentifiedImageError)": 1, "empty or non-UTF-8 caption": 1}
+    assert batch["skipped"] == {"undecodable (UnidentifiedImageError)": 1, "empty caption": 1}
 
 
 def test_truncated_tar_is_skipped_and_counted(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import lightning as L
@@ -152,8 +153,12 @@ def test_rerun_of_finished_stage_does_nothing(three_stages: Path, capsys) -> Non
 
 
 def test_stage2_before_stage1_says_what_to_run(tmp_path: Path) -> None:
-    with pytest.raises(RunnerError, match="Run stage 1 first: make stage1"):
-        run(DEMO, [2], small(tmp_path))
+    """The suggestion is the same command line for stage 1, overrides kept and quoted for the shell."""
+    overrides = small(tmp_path, "samples.prompts=[a red circle, it's blue]")
+    with pytest.raises(RunnerError, match="Run stage 1 first: pixart-lightning run ") as caught:
+        run(DEMO, [2], overrides)
+    suggested = str(caught.value).split("Run stage 1 first: ", 1)[1]
+    assert shlex.split(suggested) == ["pixart-lightning", "run", str(DEMO), "--stages", "1", *overrides]
 
 
 def test_interrupted_stage_resumes_with_same_data_order(tmp_path: Path) -> None:

@@ -10,20 +10,24 @@ wide images (and the top and bottom of tall ones) uncaptioned. ``image_aspect="c
 
 How: each input shard becomes an output shard of the same name whose samples keep every original member
 byte-for-byte and gain ``dense.txt`` (train on it with the reader's caption key). Shard ``i`` belongs to rank
-``i % world_size``; each output shard is written under a temporary name and renamed when complete, so a rerun
-skips the shards already done and an interrupted job resumes shard by shard. Samples whose image cannot be decoded
-(or whose dense caption comes out empty) are dropped and counted. Each run writes its summary to ``caption-manifest.json`` (with ``world_size > 1``, one
-``caption-manifest-rank{r}.json`` per rank) and rank 0 copies the dataset manifest beside the shards.
+``i % world_size``; each output shard is written under a temporary name and renamed when complete, with its
+statistics beside it, so a rerun skips the shards already done and an interrupted job resumes shard by shard.
+Samples whose image cannot be decoded (or whose dense caption comes out empty) are dropped and counted; a tar cut
+short keeps every sample before the cut. Every run writes ``caption-manifest.json``: the totals of every finished
+shard, whichever run or rank captioned it. Rank 0 copies the dataset manifest beside the shards.
+
+Generation stops at the model's end token or at ``max_new_tokens``: by default the model's own generation config's
+limit (``FALLBACK_MAX_NEW_TOKENS`` when it sets none). Each shard prints its tokens/s and the ETA of the rest.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,20 +35,24 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoProcessor, BatchFeature, LlavaForConditionalGeneration
+from transformers import AutoProcessor, BatchFeature, GenerationConfig, LlavaForConditionalGeneration
 from webdataset import TarWriter
-from webdataset.tariterators import tarfile_samples
 
 from ..files import write_json_atomic
 from ..hub import load_pretrained
+from .counts import Counts, add_up, finished_stats, shard_finished, write_shard_stats
 from .samples import caption_text, image_member, open_image
 from .shards import MANIFEST_NAMES, DataError, batched, tar_shards
+from .sources import complete_samples
 from .workers import process_device, process_rank, share
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
 DENSE_KEY = "dense.txt"
+CAPTION_MANIFEST = "caption-manifest.json"
+FALLBACK_MAX_NEW_TOKENS = 256
+"""New tokens per caption when neither the command nor the model's generation config sets a limit."""
 PROMPT = "Describe this image and its style in a very detailed manner."
 SEEDED_PROMPT = 'Given the caption of this image "{caption}", describe this image and its style in a very detailed manner.'
 IMAGE_ASPECTS = ("pad", "crop")
@@ -54,6 +62,12 @@ def caption_prompt(caption: str | None = None) -> str:
     """The instruction for one image: the paper's prompt, or its seeded form when an original caption exists."""
     caption = (caption or "").strip()
     return SEEDED_PROMPT.format(caption=caption) if caption else PROMPT
+
+
+def generation_limit(config: GenerationConfig) -> int:
+    """The model's own limit on new tokens per caption: its generation config's ``max_new_tokens``, else
+    ``FALLBACK_MAX_NEW_TOKENS`` (its ``max_length`` counts the prompt's hundreds of image tokens too)."""
+    return config.max_new_tokens or FALLBACK_MAX_NEW_TOKENS
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -68,11 +82,11 @@ class Captioner:
     """A LLaVA model and its processor that turn a batch of images (and optional captions) into dense captions.
 
     ``image_aspect`` is ``pad`` (square canvas of the processor's mean colour, the whole image seen) or ``crop``
-    (the processor's centre crop).
+    (the processor's centre crop). ``max_new_tokens=None`` follows the model (:func:`generation_limit`).
     """
 
     def __init__(
-        self, name_or_path: str, max_new_tokens: int, dtype: str = "auto", device: str | None = None,
+        self, name_or_path: str, max_new_tokens: int | None = None, dtype: str = "auto", device: str | None = None,
         image_aspect: str = "pad",
     ):
         if image_aspect not in IMAGE_ASPECTS:
@@ -80,7 +94,6 @@ class Captioner:
         self.image_aspect = image_aspect
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _torch_dtype(dtype, self.device)
-        self.max_new_tokens = max_new_tokens
         self.processor = load_pretrained(AutoProcessor.from_pretrained, name_or_path, "LLaVA processor")
         self.processor.tokenizer.padding_side = "left"  # generation appends to the right end of every row
         # The image mean as 8-bit RGB (truncated, as LLaVA does): the padding normalises to about zero.
@@ -89,6 +102,7 @@ class Captioner:
             LlavaForConditionalGeneration.from_pretrained, name_or_path, "LLaVA captioner", dtype=self.dtype
         )
         self.model = model.to(self.device).eval()
+        self.max_new_tokens = max_new_tokens or generation_limit(model.generation_config)
 
     def chat(self, caption: str | None) -> str:
         """The full model input for one image: a user turn holding the image and the instruction."""
@@ -104,15 +118,18 @@ class Captioner:
         ).to(self.device, dtype=self.dtype)
 
     @torch.inference_mode()
-    def __call__(self, images: Sequence[Image.Image], captions: Sequence[str | None]) -> list[str]:
-        """Greedy dense captions, one per image, decoded from the new tokens only."""
+    def caption(self, images: Sequence[Image.Image], captions: Sequence[str | None]) -> tuple[list[str], int]:
+        """Greedy dense captions, one per image, decoded from the new tokens only; and how many tokens were
+        generated (padding after a row's end token not counted)."""
         inputs = self.inputs(images, captions)
-        tokens = self.model.generate(
-            **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-            pad_token_id=self.processor.tokenizer.pad_token_id,
-        )
+        pad = self.processor.tokenizer.pad_token_id
+        tokens = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
         new_tokens = tokens[:, inputs["input_ids"].shape[1]:]
-        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        return texts, int((new_tokens != pad).sum())
+
+    def __call__(self, images: Sequence[Image.Image], captions: Sequence[str | None]) -> list[str]:
+        return self.caption(images, captions)[0]
 
 
 def recaption(
@@ -121,7 +138,7 @@ def recaption(
     *,
     model: str = DEFAULT_LLAVA,
     batch_size: int = 8,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     seed_with_caption: bool = True,
     dtype: str = "auto",
     device: str | None = None,
@@ -130,113 +147,112 @@ def recaption(
     progress: bool = True,
     image_aspect: str = "pad",
 ) -> dict[str, Any]:
-    """Write a dense-captioned copy of this rank's shards of ``source`` to ``out_dir``; returns the run's summary.
+    """Write a dense-captioned copy of this rank's shards of ``source`` to ``out_dir``; returns the caption
+    manifest (totals over every finished shard) with this run's ``shards_done`` and ``shards_already_done``.
 
     ``dtype="auto"`` is bfloat16 on CUDA and float32 otherwise; ``device=None`` picks ``cuda:{rank % gpus}``
-    when CUDA is available. ``image_aspect``: see :class:`Captioner`. The model is loaded only if some shard of
-    this rank is still to do.
+    when CUDA is available. ``max_new_tokens=None`` follows the model (:func:`generation_limit`).
+    ``image_aspect``: see :class:`Captioner`. The model is loaded only if some shard of this rank is still to do.
     """
     rank, world_size = process_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = tar_shards(source)
     if any(shard.parent.resolve() == out_dir.resolve() for shard in shards):
         raise ValueError(f"{out_dir}: the output folder must not be the source folder")
     mine = share(shards, rank, world_size)
-    todo = [shard for shard in mine if not (out_dir / shard.name).is_file()]
+    todo = [shard for shard in mine if not shard_finished(out_dir / shard.name)]
     device = device or process_device(rank)
-
-    skipped: Counter[str] = Counter()
-    tar_errors: Counter[str] = Counter()
-    captioned = 0
     if todo:
         captioner = Captioner(model, max_new_tokens, dtype, device, image_aspect)
+        start = time.perf_counter()
         with tqdm(desc=f"recaption rank {rank}", unit="sample", disable=not progress) as bar:
-            for shard in todo:
-                n = _recaption_shard(
-                    shard, out_dir, captioner, batch_size, seed_with_caption, skipped, tar_errors, bar
-                )
-                captioned += n
-                log.info("%s: %d samples captioned", shard.name, n)
-
-    summary = {
-        "shards_done": len(todo),
-        "shards_already_done": len(mine) - len(todo),
-        "samples_captioned": captioned,
-        "samples_skipped": dict(sorted(skipped.items())),
-        "tar_errors": dict(sorted(tar_errors.items())),
-        "model": model,
-        "prompt": PROMPT,
-        "seeded_prompt": SEEDED_PROMPT if seed_with_caption else None,
-        "image_aspect": image_aspect,
-        "rank": rank,
-        "world_size": world_size,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    name = "caption-manifest.json" if world_size == 1 else f"caption-manifest-rank{rank}.json"
-    write_json_atomic(out_dir / name, summary)
+            for done, shard in enumerate(todo, 1):
+                stats = _recaption_shard(shard, out_dir, captioner, batch_size, seed_with_caption, bar)
+                print(_shard_report(shard, stats, done, len(todo), time.perf_counter() - start), flush=True)
+    settings = {"model": model, "max_new_tokens": max_new_tokens, "prompt": PROMPT,
+                "seeded_prompt": SEEDED_PROMPT if seed_with_caption else None, "image_aspect": image_aspect}
+    manifest = _write_manifest(out_dir, [out_dir / shard.name for shard in shards], settings)
     if rank == 0:
         _copy_dataset_manifest(shards[0].parent, out_dir)
-    log.info("recaption summary: %s", json.dumps(summary))
-    return summary
+    log.info("recaption manifest: %s", json.dumps(manifest))
+    return manifest | {"shards_done": len(todo), "shards_already_done": len(mine) - len(todo)}
+
+
+def _write_manifest(out_dir: Path, targets: list[Path], settings: dict[str, Any]) -> dict[str, Any]:
+    """``caption-manifest.json``: the settings and the totals of every finished one of ``targets``."""
+    finished = finished_stats(targets)
+    empty = {"samples": 0, **Counts().fields(), "new_tokens": 0, "seconds": 0.0}
+    totals = add_up([empty, *finished])
+    manifest = {**settings, "shards": len(targets), "shards_finished": len(finished),
+                "count": totals.pop("samples"), **totals}
+    write_json_atomic(out_dir / CAPTION_MANIFEST, manifest)
+    return manifest
+
+
+def _shard_report(shard: Path, stats: dict[str, Any], done: int, todo: int, elapsed: float) -> str:
+    """One line per finished shard: its captions, tokens/s, and the ETA of this run's remaining shards."""
+    rate = stats["new_tokens"] / max(stats["seconds"], 1e-9)
+    eta = datetime.timedelta(seconds=round(elapsed / done * (todo - done)))
+    return (f"caption: {shard.name}: {stats['samples']} captions, {stats['new_tokens']} new tokens, {rate:.1f} "
+            f"tokens/s; {todo - done} of {todo} shards left, ETA {eta}")
 
 
 def _recaption_shard(
-    shard: Path, out_dir: Path, captioner: Captioner, batch_size: int, seed_with_caption: bool,
-    skipped: Counter[str], tar_errors: Counter[str], bar: tqdm,
-) -> int:
-    """Caption one shard into ``out_dir/<shard name>`` (renamed into place when complete); returns samples written."""
+    shard: Path, out_dir: Path, captioner: Captioner, batch_size: int, seed_with_caption: bool, bar: tqdm,
+) -> dict[str, Any]:
+    """Caption one shard into ``out_dir/<shard name>`` (renamed into place when complete, its statistics
+    written beside it); returns the statistics."""
     partial = out_dir / f".{shard.name}.{os.getpid()}.partial"
-    written, errors_before = 0, tar_errors.total()
+    try:
+        return _caption_into(shard, partial, out_dir / shard.name, captioner, batch_size, seed_with_caption, bar)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _caption_into(
+    shard: Path, partial: Path, target: Path, captioner: Captioner, batch_size: int, seed_with_caption: bool,
+    bar: tqdm,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    skipped = Counts()
+    written = new_tokens = 0
     with TarWriter(str(partial), encoder=False) as sink:
-        for batch in batched(_readable(shard, skipped, tar_errors), batch_size):
+        for batch in batched(_readable(shard, skipped), batch_size):
             samples, images = zip(*batch, strict=True)
             captions = [caption_text(s, "txt", {}) if seed_with_caption else None for s in samples]
-            for sample, dense in zip(samples, captioner(images, captions), strict=True):
+            dense_captions, tokens = captioner.caption(images, captions)
+            new_tokens += tokens
+            for sample, dense in zip(samples, dense_captions, strict=True):
                 bar.update()
                 if not dense:
-                    skipped["empty dense caption"] += 1
+                    skipped.add("empty dense caption", f"{shard}:{sample['__key__']}")
                     continue
                 sink.write({**_members(sample), DENSE_KEY: dense.encode("utf-8")})
                 written += 1
-    if written == 0 and tar_errors.total() > errors_before:  # unreadable, not empty: leave it to a rerun
-        partial.unlink()
-        raise DataError(f"{shard}: could not be read; fix it and run the same command again")
-    os.replace(partial, out_dir / shard.name)
-    return written
+    if written == 0 and skipped.tar_errors:  # unreadable, not empty: leave it to a rerun
+        raise DataError(f"{shard}: could not be read ({skipped.summary()}); fix it and run the same command again")
+    os.replace(partial, target)
+    stats = {"samples": written, **skipped.fields(), "new_tokens": new_tokens,
+             "seconds": round(time.perf_counter() - start, 3)}
+    write_shard_stats(target, stats)
+    return stats
 
 
-def _readable(
-    shard: Path, skipped: Counter[str], tar_errors: Counter[str]
-) -> Iterator[tuple[dict[str, Any], Image.Image]]:
-    """Raw samples of a shard with their decoded RGB image; the others are counted in ``skipped`` by reason.
-
-    A read error (e.g. a truncated tar) ends the shard. The sample being assembled at that moment may be missing
-    members, so it is dropped too rather than written incomplete.
-    """
-    def handler(err: Exception) -> bool:
-        log.warning("%s: %s", shard, err)
-        tar_errors[type(err).__name__] += 1
-        return True
-
-    errors_before = tar_errors.total()
-    for sample in tarfile_samples([{"url": str(shard)}], handler=handler):
-        if tar_errors.total() > errors_before:
-            errors_before = tar_errors.total()
-            skipped["incomplete (tar read error)"] += 1
-            continue
+def _readable(shard: Path, skipped: Counts) -> Iterator[tuple[dict[str, Any], Image.Image]]:
+    """The complete samples of a shard with their decoded RGB image; the others are counted in ``skipped``."""
+    for sample in complete_samples(str(shard), lambda err: skipped.tar_error(str(shard), err)):
+        name = f"{shard}:{sample['__key__']}"
         ext = image_member(sample)
         if ext is None:
-            skipped["no image"] += 1
+            skipped.add("no image", name)
             continue
         try:
             image = open_image(sample[ext])
-        except Exception as err:  # PIL raises several types for bad bytes (UnidentifiedImageError, OSError, ...)
-            log.warning("%s: skipped sample %s: %s", shard, sample["__key__"], err)
-            skipped["undecodable image"] += 1
+        except Exception as err:  # noqa: BLE001 - PIL raises several types for bad bytes
+            skipped.add(f"undecodable ({type(err).__name__})", name)
             continue
         yield sample, image
 

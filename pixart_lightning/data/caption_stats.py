@@ -8,21 +8,18 @@ typos and one-off names do not inflate the vocabulary), their ratio VN/DN, and n
 
 from __future__ import annotations
 
-import logging
 import os
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from webdataset.tariterators import tarfile_samples
-
 from ..files import write_json_atomic
+from .counts import Counts
 from .nouns import nouns
 from .samples import caption_text
 from .shards import tar_shards
-
-log = logging.getLogger(__name__)
+from .sources import complete_samples
 
 TOP_NOUNS = 20
 
@@ -64,27 +61,23 @@ def _column_statistics(texts: Iterable[str | None], valid_min_count: int) -> dic
     }
 
 
-def _samples(shard: str) -> Iterator[dict[str, Any]]:
-    def handler(err: Exception) -> bool:
-        log.warning("%s: skipping unreadable tar data: %s", shard, err)
-        return True
-
-    yield from tarfile_samples([{"url": shard}], handler=handler)
-
-
-def read_captions(source: str, keys: Sequence[str] = ("txt", "dense.txt")) -> dict[str, list[str | None]]:
+def read_captions(
+    source: str, keys: Sequence[str] = ("txt", "dense.txt"), skipped: Counts | None = None
+) -> dict[str, list[str | None]]:
     """Captions of every sample in webdataset shards, per key: ``{key: [caption or None, ...]}``, samples aligned.
 
     A sample is the group of tar members ``<name>.<key>`` sharing a name (webdataset splits at the first dot, so
     ``0001.dense.txt`` is key ``dense.txt`` of sample ``0001``). A caption that is absent, empty or not UTF-8 is
-    ``None``, which :func:`caption_statistics` counts as missing. ``source``: a folder of ``*.tar`` or a brace
-    pattern; raises DataError when it names no shard, ValueError when ``keys`` is empty.
+    ``None``, which :func:`caption_statistics` counts as missing. A tar cut short gives the samples before the cut
+    and is counted in ``skipped``. ``source``: a folder of ``*.tar`` or a brace pattern; raises DataError when it
+    names no shard, ValueError when ``keys`` is empty.
     """
     if not keys:
         raise ValueError("read_captions needs at least one caption key, e.g. 'txt'")
+    skipped = Counts() if skipped is None else skipped
     captions: dict[str, list[str | None]] = {key: [] for key in keys}
     for shard in tar_shards(source):
-        for sample in _samples(str(shard)):
+        for sample in complete_samples(str(shard), lambda err, shard=shard: skipped.tar_error(str(shard), err)):
             for key in keys:
                 captions[key].append(caption_text(sample, key, {}) if key in sample else None)
     return captions
@@ -116,8 +109,9 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def format_table(stats: Mapping[str, Mapping[str, Any]]) -> str:
-    """The statistics as a plain-text table like the paper's: one row per caption column, numbers right-aligned."""
+def format_table(stats: Mapping[str, Mapping[str, Any]], skipped: Counts | None = None) -> str:
+    """The statistics as a plain-text table like the paper's: one row per caption column, numbers right-aligned;
+    with ``skipped``, a last line saying what could not be read."""
     rows = [["", *TABLE_COLUMNS]] + [[name, *_table_row(s)] for name, s in stats.items()]
     widths = [max(len(cell) for cell in column) for column in zip(*rows)]
     lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in rows]
@@ -125,6 +119,8 @@ def format_table(stats: Mapping[str, Mapping[str, Any]]) -> str:
     thresholds = "/".join(str(t) for t in sorted({s["valid_min_count"] for s in stats.values()}))
     if thresholds:
         lines.append(f"valid: a distinct noun occurring more than {thresholds} times")
+    if skipped is not None:
+        lines.append(f"skipped: {skipped.summary()}")
     return "\n".join(lines)
 
 

@@ -9,11 +9,15 @@ posterior's mean and std at the sample's aspect-ratio bucket size (the same resi
 the training loader), and the T5 features of its caption trimmed to the real tokens, in fp16 or bf16.
 The images are dropped unless asked to keep them.
 
+Settings that training would refuse (a resolution that is not a multiple of patch size x VAE factor) are
+refused before any model loads, by the stage config's own validation.
+
 Work is split by shard: shard i belongs to process i % world_size (``RANK``/``WORLD_SIZE`` or
 ``SLURM_PROCID``/``SLURM_NTASKS`` by default). Each output shard is written under a temporary name and
-renamed when complete, with a ``.stats.json`` beside it, so a rerun skips finished shards. Whichever
-process finds every shard done writes ``manifest.json``: the bucket counts the loader schedules by, and
-the encoders, sizes and dtypes the runner checks a stage config against.
+renamed when complete, with a ``.stats.json`` beside it, so a rerun skips finished shards. The settings
+(``extract.json``) are recorded with the first finished shard: a run that fails before that leaves nothing
+a corrected rerun must match. Whichever process finds every shard done writes ``manifest.json``: the bucket
+counts the loader schedules by, and the encoders, sizes and dtypes the runner checks a stage config against.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from typing import Any
 import torch
 import webdataset as wds
 from tqdm import tqdm
-from webdataset.tariterators import tarfile_samples
 
+from ..config import ConfigError, DataSection, ModelSection, StageConfig, VAESection, validate
 from ..files import write_json_atomic
+from .counts import Counts, add_up, finished_stats, shard_finished, write_shard_stats
 from .features import FEATURES_KEY, encode_features
-from .samples import IMAGE_EXTENSIONS, caption_text, fit_to_bucket, image_member, open_image, original_size, sample_meta
-from .shards import DataError, Skipped, batched, data_buckets, tar_shards
+from .samples import IMAGE_EXTENSIONS, fit_to_bucket, image_member, open_image, original_size, read_caption, sample_meta
+from .shards import DataError, batched, data_buckets, tar_shards
+from .sources import complete_samples
 from .workers import process_device, process_rank, share
 
 MANIFEST, SETTINGS = "manifest.json", "extract.json"
@@ -81,7 +87,7 @@ class Extractor:
         # Without latents the images are what stages train on: keep them.
         self.keep_images = settings.keep_images or self.vae is None
 
-    def _prepared(self, raw: dict[str, Any], skipped: Skipped) -> dict[str, Any] | None:
+    def _prepared(self, raw: dict[str, Any], skipped: Counts) -> dict[str, Any] | None:
         """The raw sample with its metadata, bucket-fitted pixels and caption; None (counted) when unusable."""
         key = raw.get("__key__", "?")
         try:
@@ -89,9 +95,10 @@ class Extractor:
         except ValueError as err:  # also json's JSONDecodeError
             skipped.add(f"unreadable json ({type(err).__name__})", key)
             return None
-        caption = caption_text(raw, self.settings.caption_key, meta) if self.encoder is not None else None
-        if self.encoder is not None and caption is None:
-            skipped.add(f"empty or non-UTF-8 {self.settings.caption_key}", key)
+        try:
+            caption = read_caption(raw, self.settings.caption_key, meta) if self.encoder is not None else None
+        except ValueError as err:  # no, empty, non-UTF-8 or non-text caption
+            skipped.add(str(err), key)
             return None
         item = {"raw": raw, "meta": meta, "caption": caption}
         if self.vae is not None:
@@ -143,17 +150,18 @@ class Extractor:
 
         A shard that yields nothing because it could not be read is not marked done: a rerun retries it.
         """
-        skipped = Skipped()
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            return self._shard(url, target, partial, progress)
+        finally:
+            partial.unlink(missing_ok=True)  # renamed into place when complete; nothing left behind otherwise
+
+    def _shard(self, url: str, target: Path, partial: Path, progress: tqdm) -> dict[str, Any]:
+        skipped = Counts()
         buckets: dict[str, int] = {}
         t5_tokens = written = 0
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-
-        def on_error(err: Exception) -> bool:
-            skipped.add(f"unreadable tar data ({type(err).__name__})", url)
-            return True
-
         with wds.TarWriter(str(partial), encoder=False) as sink:
-            for batch in batched(tarfile_samples([{"url": url}], handler=on_error), self.batch_size):
+            for batch in batched(complete_samples(url, lambda err: skipped.tar_error(url, err)), self.batch_size):
                 items = [p for raw in batch if (p := self._prepared(raw, skipped)) is not None]
                 for item, features in zip(items, self._features(items) if items else []):
                     if not all(torch.isfinite(v).all() for v in features.values()):  # e.g. an fp16 overflow
@@ -166,13 +174,13 @@ class Extractor:
                     t5_tokens += features["t5"].shape[0] if "t5" in features else 0
                     written += 1
                 progress.update(len(batch))
-        if written == 0 and any(reason.startswith("unreadable tar") for reason in skipped.counts):
-            partial.unlink()
-            raise DataError(f"{url}: could not be read ({skipped.keys[0]}); fix it and run the same command again")
+        if written == 0 and skipped.tar_errors:
+            raise DataError(f"{url}: could not be read ({skipped.summary()}); fix it and run the same command again")
         os.replace(partial, target)
-        stats = {"samples": written, "skipped": skipped.counts, "skipped_keys": skipped.keys,
-                 "bucket_counts": buckets, "t5_tokens": t5_tokens, "bytes": target.stat().st_size}
-        write_json_atomic(target.with_suffix(".stats.json"), stats)
+        _record_settings(target.parent, self.settings)
+        stats = {"samples": written, **skipped.fields(), "bucket_counts": buckets, "t5_tokens": t5_tokens,
+                 "bytes": target.stat().st_size}
+        write_shard_stats(target, stats)
         return stats
 
 
@@ -187,6 +195,7 @@ def extract(
         raise ValueError(f"t5_dtype {settings.t5_dtype!r}: valid choices are fp16, bf16, fp32")
     if settings.t5_compress and settings.t5_dtype == "fp32":
         raise ValueError("t5_compress packs 16-bit features: use t5_dtype fp16 or bf16, or no compression")
+    check_trainable(settings, source)
     # Local model folders are recorded as absolute paths, so the runner can compare them with a stage's.
     settings = replace(settings, **{k: str(Path(v).resolve()) for k in ("vae", "text_encoder")
                                     if (v := getattr(settings, k)) and Path(v).exists()})
@@ -196,10 +205,10 @@ def extract(
     rank, world_size = process_rank(rank, world_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings)
     names = [Path(u).name for u in urls]
+    _check_settings(out, settings, [out / n for n in names])
     mine = [(u, out / n) for u, n in share(list(zip(urls, names)), rank, world_size)]
-    todo = [(u, t) for u, t in mine if not (t.is_file() and t.with_suffix(".stats.json").is_file())]
+    todo = [(u, t) for u, t in mine if not shard_finished(t)]
     device = device or process_device(rank)
     print(f"extract: rank {rank}/{world_size}: {len(todo)} of {len(mine)} shards to do "
           f"({len(mine) - len(todo)} done already) -> {out}", flush=True)
@@ -212,34 +221,53 @@ def extract(
     return _finish(out, names, settings) or {"shards_done_here": len(todo)}
 
 
+def check_trainable(settings: ExtractSettings, source: str) -> None:
+    """Refuse latents that training would refuse, before any model loads: the stage config's own validation of
+    these settings (the resolution, which is the multi-scale base too, a multiple of patch size x VAE factor; the
+    ratio range), with the nearest valid resolutions."""
+    if settings.vae is None:
+        return
+    stage = StageConfig(
+        stage=3 if settings.multi_scale else 2, vae=VAESection(name=settings.vae),
+        model=ModelSection(patch_size=settings.patch_size),
+        data=DataSection(shards=source, resolution=settings.resolution, multi_scale=settings.multi_scale,
+                         min_ratio=settings.min_ratio, max_ratio=settings.max_ratio))
+    try:
+        validate(stage)
+    except ConfigError as err:
+        step = settings.patch_size * stage.latent_factor
+        below = settings.resolution // step * step
+        nearest = " or ".join(str(r) for r in (below, below + step) if r > 0)
+        hint = f"; the nearest valid resolutions are {nearest}" if settings.resolution % step else ""
+        raise ValueError(f"training would refuse these features: {'; '.join(err.problems)}{hint}") from None
+
+
 def _finish(out: Path, names: list[str], settings: ExtractSettings) -> dict[str, Any] | None:
     """The manifest, written once every shard's statistics are there (None while other ranks work)."""
-    stats_files = [out / Path(n).with_suffix(".stats.json") for n in names]
-    if not all(f.is_file() for f in stats_files):
+    shards = [out / n for n in names]
+    if not all(shard_finished(s) for s in shards):
         return None
+    totals = add_up(finished_stats(shards))
     manifest: dict[str, Any] = {"kind": "features", **asdict(settings), "latents": "posterior mean and std, fp16",
-                                "shards": names, "count": 0, "skipped": {}, "bucket_counts": {}, "t5_tokens": 0,
-                                "bytes": 0}
-    for f in stats_files:
-        stats = json.loads(f.read_text())
-        manifest["count"] += stats["samples"]
-        manifest["t5_tokens"] += stats["t5_tokens"]
-        manifest["bytes"] += stats["bytes"]
-        for field in ("skipped", "bucket_counts"):
-            for k, n in stats[field].items():
-                manifest[field][k] = manifest[field].get(k, 0) + n
+                                "shards": names, "count": totals.pop("samples"), **totals}
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
-def _check_settings(out: Path, settings: ExtractSettings) -> None:
-    """Record the settings on the first run; a resumed run must use the same ones."""
+def _record_settings(out: Path, settings: ExtractSettings) -> None:
+    """Record the settings with every finished shard, before its statistics mark it done (the same file each
+    time: a resumed run has the same settings)."""
+    write_json_atomic(out / SETTINGS, asdict(settings))
+
+
+def _check_settings(out: Path, settings: ExtractSettings, shards: list[Path]) -> None:
+    """Once one of ``shards`` is finished, the folder is resumed only with the settings it was extracted with;
+    before that (e.g. after a run that failed on loading a model) any settings go."""
     path = out / SETTINGS
-    wanted = asdict(settings)
-    if not path.is_file():
-        write_json_atomic(path, wanted)
+    if not (path.is_file() and any(shard_finished(s) for s in shards)):
+        return
     found = json.loads(path.read_text())
-    differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+    differ = {k: (found.get(k), v) for k, v in asdict(settings).items() if found.get(k) != v}
     if differ:
         raise FileExistsError(f"{out} holds features extracted with other settings (found, wanted): {differ}; "
                               "choose another folder or delete it")

@@ -6,12 +6,16 @@ Accepted inputs, mixed freely:
   each image (``cat.jpg`` + ``cat.txt``);
 - webdataset or img2dataset tar shards (a folder of ``*.tar``, a brace or glob pattern, or one tar).
 
-Every written sample has the original image bytes (never re-encoded), ``txt`` (the original caption, when
-there is one) and ``json`` with ``key``, ``source``, ``original_size`` [h, w] and ``aspect_ratio`` h / w.
-img2dataset's ``original_height``/``original_width`` win over the decoded size, since img2dataset may
-have resized the image. Images that do not decode fully and unreadable tar data are skipped and counted
-in ``manifest.json`` (with the first keys), which also holds the aspect-ratio bucket counts that the
-training loader weights its bucket schedule with.
+Every format PIL opens is taken. Every written sample has its image (JPEG, PNG and WebP as the original bytes;
+any other format, e.g. GIF's first frame, TIFF or BMP, as the lossless PNG of what every data tool decodes from it),
+``txt`` (the original caption, when there is one) and ``json`` with ``key``, ``source``, ``original_size`` [h, w]
+and ``aspect_ratio`` h / w. img2dataset's ``original_height``/``original_width`` win over the decoded size, since
+img2dataset may have resized the image.
+
+Nothing in the input goes unaccounted for: ``manifest.json`` counts, by reason and with the first names, the
+samples skipped (an image that does not decode fully, a tar cut short) and the files or tar members ignored (an
+unsupported extension, a caption with no image beside it). It also holds the aspect-ratio bucket counts that
+the training loader weights its bucket schedule with.
 
 Keys are stable: the source-relative name made safe (no dots, which webdataset would split on) plus
 8 hex digits of its sha1, so re-ingesting the same inputs gives the same keys and two names that
@@ -21,25 +25,34 @@ sanitise alike never collide.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+from PIL import Image
 from tqdm import tqdm
-from webdataset.tariterators import tarfile_samples
 
 from .buckets import bucket_table, nearest_bucket
-from .samples import caption_text, image_member, open_image, original_size, sample_meta
-from .shards import DataError, Skipped, folder_samples, resolve_sources
+from .counts import Counts
+from .samples import IMAGE_EXTENSIONS, caption_text, open_image, original_size, sample_meta
+from .shards import DataError, resolve_sources
+from .sources import ImageFolder, complete_samples
 
 MANIFEST = "manifest.json"
 CAPTION_FIELDS = ("caption", "text", "prompt")  # where img2dataset-style json keeps a caption
+PIL_EXTENSIONS = frozenset(ext.lstrip(".") for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+"""Every file extension PIL opens (GIF, TIFF, BMP, ICO, ...): ingest takes all of them."""
+IMAGE_MEMBERS = (*IMAGE_EXTENSIONS, *sorted(PIL_EXTENSIONS - set(IMAGE_EXTENSIONS)))
+"""A sample's image member: a format every reader takes first, else any format PIL opens."""
+SIDE_MEMBERS = ("txt", "json", "cls")
+"""Caption, metadata and class label: files beside an image in a folder (``cat.jpg`` + ``cat.txt``), members of its
+sample in a tar."""
 
 
 def stable_key(source: str, name: str) -> str:
@@ -50,21 +63,46 @@ def stable_key(source: str, name: str) -> str:
     return f"{readable}-{digest}" if readable else digest
 
 
-def _raw_samples(sources: Sequence[str], skipped: Skipped) -> Iterator[dict[str, Any]]:
-    """Raw samples of every source in order; unreadable tar data is counted once per shard, never fatal."""
-    for source in sources:
-        if Path(source).is_dir():
-            yield from folder_samples(source)
+def _extension(path: Path) -> str:
+    return path.suffix.lower().lstrip(".")
+
+
+def _urls(spec: str, ignored: Counts) -> list[str]:
+    """The urls of one source. A folder without tars is an image folder, read whole; in a folder of tars, every
+    other file is counted in ``ignored``."""
+    path = Path(spec)
+    if not path.is_dir():
+        return resolve_sources(spec)
+    if not any(path.glob("*.tar")):
+        return [spec]
+    urls = resolve_sources(spec)
+    for other in sorted(set(p for p in path.rglob("*") if p.is_file()) - {Path(u) for u in urls}):
+        ignored.add("not a tar shard (in a folder of shards)", str(other))
+    return urls
+
+
+def _folder_samples(folder: str, ignored: Counts) -> Iterator[dict[str, Any]]:
+    """Raw samples of an image folder: every file PIL opens, with its .txt/.json/.cls; every other file is counted
+    in ``ignored``."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    images = [p for p in files if _extension(p) in PIL_EXTENSIONS]
+    stems = {p.with_suffix("") for p in images}
+    for path in files:
+        if _extension(path) in PIL_EXTENSIONS or (_extension(path) in SIDE_MEMBERS and path.with_suffix("") in stems):
             continue
-        broken: list[Exception] = []
+        reason = "caption or metadata with no image" if _extension(path) in SIDE_MEMBERS else "unsupported extension"
+        ignored.add(reason, str(path))
+    source = ImageFolder(folder, images)
+    yield from (raw for _, raw in source.read(range(len(source))))
 
-        def handler(err: Exception, source: str = source, broken: list[Exception] = broken) -> bool:
-            if not broken:  # webdataset may report one truncation at several levels
-                skipped.add(f"unreadable tar data ({type(err).__name__})", source)
-            broken.append(err)
-            return True
 
-        yield from tarfile_samples([{"url": source}], handler=handler)
+def _raw_samples(urls: Sequence[str], skipped: Counts, ignored: Counts) -> Iterator[dict[str, Any]]:
+    """Raw samples of every source in order; a tar cut short is counted once and keeps what precedes the cut."""
+    for url in urls:
+        if Path(url).is_dir():
+            yield from _folder_samples(url, ignored)
+        else:
+            yield from complete_samples(url, lambda err, url=url: skipped.tar_error(url, err))
 
 
 def _caption(raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
@@ -74,9 +112,17 @@ def _caption(raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
     return next((text for f in CAPTION_FIELDS if (text := caption_text(raw, f, meta))), None)
 
 
-def to_sample(raw: dict[str, Any]) -> tuple[dict[str, bytes], tuple[int, int]] | str:
-    """The clean webdataset sample of one raw sample and its decoded (h, w), or why it is skipped."""
-    ext = image_member(raw)
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_sample(raw: dict[str, Any], ignored: Counts) -> tuple[dict[str, bytes], tuple[int, int]] | str:
+    """The clean webdataset sample of one raw sample and its decoded (h, w), or why it is skipped. Members that
+    are neither its image nor a kept member are counted in ``ignored``."""
+    source = f"{raw.get('__url__', '')}:{raw['__key__']}"
+    ext = next((e for e in IMAGE_MEMBERS if e in raw), None)
     if ext is None:
         return "no image"
     try:
@@ -87,11 +133,17 @@ def to_sample(raw: dict[str, Any]) -> tuple[dict[str, bytes], tuple[int, int]] |
     caption = _caption(raw, meta)
     if caption is None and "txt" in raw:
         return "non-UTF-8 or blank caption"
-    source = f"{raw.get('__url__', '')}:{raw['__key__']}"
+    for member in sorted(set(raw) - {ext, *SIDE_MEMBERS}):
+        if not member.startswith("__"):
+            ignored.add("unsupported tar member", f"{source}.{member}")
     key = stable_key(Path(str(raw.get("__url__", ""))).name, raw["__key__"])
     h, w = original_size(meta, (image.height, image.width))
     meta = meta | {"key": key, "source": source, "original_size": [h, w], "aspect_ratio": h / w}
-    sample = {"__key__": key, "jpg" if ext == "jpeg" else ext: raw[ext], "json": json.dumps(meta).encode()}
+    if ext in IMAGE_EXTENSIONS:
+        stored = {"jpg" if ext == "jpeg" else ext: raw[ext]}
+    else:  # readers take JPEG, PNG and WebP: store the image every tool decodes, losslessly
+        stored, meta["converted_from"] = {"png": _png(image)}, ext
+    sample = {"__key__": key, **stored, "json": json.dumps(meta).encode()}
     if caption is not None:
         sample["txt"] = caption.encode("utf-8")
     if "cls" in raw:
@@ -110,32 +162,32 @@ def ingest(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
-    urls = [url for spec in sources for url in resolve_sources(spec)]
+    skipped, ignored = Counts(), Counts()
+    urls = [url for spec in sources for url in _urls(spec, ignored)]
     names = [Path(url).name for url in urls]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:  # keys hash the source's name: two sources of one name would collide
         raise DataError(f"two sources share the name {repeated[0]!r}: ingest them into separate folders")
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # made with the umask, like every other output
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
     # Counts keyed by the paper's 1024-px bucket sizes; a table at any resolution matches them by ratio.
     # They come from the stored image's size, which decides its bucket in training (not the original size).
     table = bucket_table(1024, 64)
     buckets: dict[str, int] = {}
-    skipped = Skipped()
     seen: set[str] = set()
     count = 0
     try:
         with wds.ShardWriter(str(partial / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
                              encoder=False) as sink:
-            for raw in tqdm(_raw_samples(urls, skipped), desc="ingest", unit="img", disable=not progress):
-                result = to_sample(raw)
-                if isinstance(result, str):
-                    skipped.add(result, f"{raw.get('__url__', '')}:{raw.get('__key__', '?')}")
+            for raw in tqdm(_raw_samples(urls, skipped, ignored), desc="ingest", unit="img", disable=not progress):
+                result = to_sample(raw, ignored)
+                if isinstance(result, str) or result[0]["__key__"] in seen:
+                    reason = result if isinstance(result, str) else "duplicate key"
+                    skipped.add(reason, f"{raw.get('__url__', '')}:{raw.get('__key__', '?')}")
                     continue
                 sample, (h, w) = result
-                if sample["__key__"] in seen:
-                    skipped.add("duplicate key", sample["__key__"])
-                    continue
                 seen.add(sample["__key__"])
                 sink.write(sample)
                 bucket = table[nearest_bucket(h, w, table)[0]]
@@ -143,12 +195,12 @@ def ingest(
                 buckets[name] = buckets.get(name, 0) + 1
                 count += 1
         if count == 0:
-            raise DataError(f"no readable sample in {', '.join(sources)} (skipped: {skipped.counts})")
+            raise DataError(f"no readable sample in {', '.join(sources)} (skipped: {skipped.summary()}; "
+                            f"ignored: {ignored.summary()})")
         manifest = {
             "kind": "ingested", "sources": list(sources), "count": count,
             "shards": sorted(p.name for p in partial.glob("shard-*.tar")), "samples_per_shard": samples_per_shard,
-            "bucket_counts": dict(sorted(buckets.items())),
-            "skipped": skipped.counts, "skipped_keys": skipped.keys,
+            "bucket_counts": dict(sorted(buckets.items())), **skipped.fields("skipped"), **ignored.fields("ignored"),
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.is_dir():

@@ -52,21 +52,34 @@ def sample_meta(raw: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def caption_text(raw: dict[str, Any], key: str, meta: dict[str, Any]) -> str | None:
+def read_caption(raw: dict[str, Any], key: str, meta: dict[str, Any]) -> str:
     """The caption under ``key``: a tar member (``txt``, ``dense.txt``) or else a json string field.
 
-    None when it is absent, blank, not UTF-8 or not a string.
+    ``ValueError`` naming why there is none: ``no caption`` (absent), ``empty caption`` (blank),
+    ``non-UTF-8 caption``, ``non-text caption`` (a json field that is no string).
     """
     if key in raw:
         try:
             text = raw[key].decode("utf-8")
         except UnicodeDecodeError:
-            return None
+            raise ValueError("non-UTF-8 caption") from None
+    elif meta.get(key) is not None:
+        text = meta[key]
+        if not isinstance(text, str):
+            raise ValueError("non-text caption")
     else:
-        text = meta.get(key)
-    if not isinstance(text, str):
+        raise ValueError("no caption")
+    if not text.strip():
+        raise ValueError("empty caption")
+    return text.strip()
+
+
+def caption_text(raw: dict[str, Any], key: str, meta: dict[str, Any]) -> str | None:
+    """:func:`read_caption`, or None when there is none (for tools that need not say why)."""
+    try:
+        return read_caption(raw, key, meta)
+    except ValueError:
         return None
-    return text.strip() or None
 
 
 def original_size(meta: dict[str, Any], fallback: tuple[int, int]) -> tuple[int, int]:

@@ -40,14 +40,14 @@ from ..config import DataSection
 from .buckets import bucket_table, nearest_bucket
 from .features import FEATURES_KEY, decode_features
 from .positions import Ref, ShuffleBuffer, WorkerPosition, ref_array, ref_list
-from .samples import IMAGE_EXTENSIONS, caption_text, fit_to_bucket, image_member, open_image, original_size, sample_meta
+from .samples import IMAGE_EXTENSIONS, fit_to_bucket, image_member, open_image, original_size, read_caption, sample_meta
 from .slots import SlotReader
 from .sources import Handler, ImageFolder, is_remote
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("world.json", "manifest.json")
-FILTER_REASONS = frozenset({"below min_aesthetic", "bucket overflow"})
+FILTER_REASONS = frozenset({"below min_aesthetic", "no aesthetic score", "bucket overflow"})
 """Skip reasons that are selection, not bad data (they do not count towards ``data.max_bad_fraction``)."""
 STARVED_LIMIT = 100  # overflow drops in a row, in queue capacities, before the schedule is declared impossible
 
@@ -241,14 +241,15 @@ class ShardStream(IterableDataset):
                 return None
             sample["image"] = image
             size = original_size(meta, (image.height, image.width))
-        caption = caption_text(raw, self.spec.caption_key, meta)
-        if caption is None and self.captions:
-            self.skipped.add("empty or non-UTF-8 caption", key)
-            return None
-        aesthetic = meta.get("aesthetic")
-        if self.spec.min_aesthetic is not None and not (
-                isinstance(aesthetic, int | float) and aesthetic >= self.spec.min_aesthetic):
-            self.skipped.add("below min_aesthetic", key, warn=False)  # a filter, not bad data
+        try:
+            caption = read_caption(raw, self.spec.caption_key, meta)
+        except ValueError as err:
+            if self.captions:
+                self.skipped.add(str(err), key)
+                return None
+            caption = None
+        if (filtered := self._aesthetic_filter(meta)) is not None:
+            self.skipped.add(filtered, key, warn=False)  # a filter, not bad data
             return None
         try:
             label = int(raw["cls"]) if "cls" in raw else int(meta.get("label", -1))
@@ -259,6 +260,15 @@ class ShardStream(IterableDataset):
         if "t5" in features:
             sample["caption_features"] = features["t5"]
         return sample
+
+    def _aesthetic_filter(self, meta: dict[str, Any]) -> str | None:
+        """Why ``data.min_aesthetic`` drops a sample (a reason in ``FILTER_REASONS``); None when it keeps it."""
+        if self.spec.min_aesthetic is None:
+            return None
+        score = meta.get("aesthetic")
+        if not isinstance(score, int | float):
+            return "no aesthetic score"
+        return "below min_aesthetic" if score < self.spec.min_aesthetic else None
 
     def _schedule(self, batch_index: int) -> float | None:
         if self.schedule_weights is None:

@@ -74,6 +74,10 @@ class SlotReader:
         """Decoded samples in the buffer's random order, from :attr:`cursor` on; they end only when an epoch has
         no usable sample for this slot and the buffer is empty."""
         cursor, buffer = self.cursor, self.buffer
+        # A pause at a batch boundary can leave the buffer over its byte budget (one large sample can need several
+        # pops): pop first, as the uninterrupted run would, so a restored buffer continues the same sequence.
+        while not cursor.draining and buffer.full():
+            yield buffer.pop()
         while True:
             while cursor.draining and len(buffer):
                 yield buffer.pop()

@@ -12,6 +12,8 @@ starts and ends. A reader can then
 Tars that cannot be indexed (remote urls, ``pipe:`` commands, compressed tars) are streamed by webdataset and
 their samples counted as they pass. Every source yields the raw samples webdataset itself would (same
 members, same grouping, same ``__key__`` and ``__url__``); read errors go to the caller's handler.
+
+The data tools read a tar whole through :func:`complete_samples`, which keeps only samples read in full.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tarfile_samples
 
 from .samples import IMAGE_EXTENSIONS
@@ -60,6 +64,34 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             return
         tar.members.clear()  # TarFile keeps every member it has read; the index needs none of them
         yield member
+
+
+def complete_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict[str, Any]]:
+    """The samples of one tar (grouped as webdataset groups them) whose members were all read in full.
+
+    Where the tar is cut short or cannot be read, ``on_error`` hears of it once and reading stops: every sample
+    before the cut is kept, the one still open at the cut is not (it may lack members). ``data ingest``,
+    ``caption``, ``stats`` and ``extract`` all read tars here, so they agree on what a truncated tar holds. A cut
+    exactly at a member boundary looks like the tar's end to ``tarfile`` and goes unnoticed.
+    """
+    sample: dict[str, Any] | None = None
+    try:
+        with closing(gopen(url)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                tar.members = []  # a streamed TarFile keeps every member it has read otherwise
+                key = _member_key(member)
+                if key is None:
+                    continue
+                if sample is not None and sample["__key__"] != key:
+                    yield sample  # complete: the next member belongs to another sample
+                    sample = None
+                sample = sample or {"__key__": key, "__url__": url}
+                sample[base_plus_ext(member.name)[1].lower()] = tar.extractfile(member).read()
+    except Exception as err:  # noqa: BLE001 - a cut or unreadable tar ends its samples, never the run
+        on_error(err)
+        return
+    if sample is not None:
+        yield sample
 
 
 def _read_range(fd: int, start: int, end: int) -> bytes:

@@ -75,7 +75,8 @@ def _existing(out: Path, params: dict) -> dict | None:
         return None
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
-        raise FileExistsError(f"{out} exists but is not a complete shapes dataset; remove it or choose another folder")
+        raise FileExistsError(f"{out} holds other files and no shapes world ({MANIFEST}); the shapes world is "
+                              "written only into a new or empty folder")
     manifest = json.loads(manifest_path.read_text())
     differ = {k: (manifest.get(k), v) for k, v in params.items() if manifest.get(k) != v}
     if differ:

@@ -432,9 +432,11 @@ CAPTION_LENGTH_MULTIPLE = 16
 attention kernels once each rather than once per batch."""
 
 
-def trim_caption_padding(y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Drop caption columns that are padding in every sample, keeping a multiple of ``CAPTION_LENGTH_MULTIPLE``
-    (at most all of them); no mask at all if none is left.
+def trim_caption_padding(y: Tensor, mask: Tensor | None, limit: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Cut or pad the caption columns to the batch's longest caption rounded up to a multiple of
+    ``CAPTION_LENGTH_MULTIPLE``, at most ``limit`` (default: the present width); no mask at all if no padding is
+    left. The loader pads each batch to its own longest caption, so without the padding up every length from 1
+    to 120 would reach the attention kernels.
 
     Masked tokens contribute nothing to cross-attention, so this changes no output, but it spares the K/V
     projections and attention the padding, and a missing mask lets attention take its fastest kernel. It reads
@@ -444,7 +446,11 @@ def trim_caption_padding(y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor
         return y, None
     used = mask.bool().any(dim=0).nonzero()
     longest = int(used.max()) + 1 if len(used) else 1
-    keep = min(math.ceil(longest / CAPTION_LENGTH_MULTIPLE) * CAPTION_LENGTH_MULTIPLE, mask.shape[1])
+    width = mask.shape[1]
+    keep = min(math.ceil(longest / CAPTION_LENGTH_MULTIPLE) * CAPTION_LENGTH_MULTIPLE, limit or width)
+    if keep > width:  # masked zero columns: they change no output
+        y = torch.nn.functional.pad(y, (0, 0, 0, keep - width))
+        mask = torch.nn.functional.pad(mask, (0, keep - width))
     y, mask = y[:, :keep], mask[:, :keep]
     return (y, None) if bool(mask.bool().all()) else (y, mask)
 

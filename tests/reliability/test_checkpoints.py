@@ -188,3 +188,23 @@ def test_sigusr1_checkpoints_and_stops_cleanly_outside_slurm(tmp_path: Path) -> 
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0 and "resuming from" in finished.stdout, finished.stderr[-3000:]
     assert json.loads((tmp_path / "stage1" / "manifest.json").read_text())["status"] == "done"
+
+
+def test_a_crash_while_pruning_leaves_an_index_of_existing_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """The index is rewritten before the checkpoints it drops are deleted: a crash between the two (here: the third
+    save's index write fails) leaves a resumable folder, not an index naming only deleted files."""
+    from callbacks import checkpoints
+
+    real_write, saves = checkpoints.write_json_atomic, []
+
+    def crash_on_the_third(path, payload):
+        saves.append(path)
+        if len(saves) == 3:
+            raise RuntimeError("crash while recording")
+        real_write(path, payload)
+
+    monkeypatch.setattr(checkpoints, "write_json_atomic", crash_on_the_third)
+    with pytest.raises(RuntimeError, match="crash while recording"):
+        run(DEMO, [1], stage1(tmp_path, 4, "train.keep_checkpoints=1"))
+    folder = tmp_path / "stage1" / "checkpoints"
+    assert latest_good(folder) == folder / "step-0000002.ckpt"
