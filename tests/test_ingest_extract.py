@@ -141,7 +141,8 @@ def test_extract_latents_per_bucket_and_trimmed_t5(tmp_path: Path, tiny: dict[st
     written = {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     again = extract(str(shards), out, settings, rank=0, world_size=1, progress=False)
     assert again["count"] == 24 and written == {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}  # none redone
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(FileExistsError, match=r"other settings \(vae: '.*' there, 'pixel' asked; .*\); run with its "
+                                              r"settings to resume it, or write the new features to another folder$"):
         extract(str(shards), out, ExtractSettings(vae="pixel", text_encoder=None, resolution=32), progress=False)
 
 

@@ -267,7 +267,7 @@ def _check_settings(out: Path, settings: ExtractSettings, shards: list[Path]) ->
     if not (path.is_file() and any(shard_finished(s) for s in shards)):
         return
     found = json.loads(path.read_text())
-    differ = {k: (found.get(k), v) for k, v in asdict(settings).items() if found.get(k) != v}
+    differ = [f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in asdict(settings).items() if found.get(k) != v]
     if differ:
-        raise FileExistsError(f"{out} holds features extracted with other settings (found, wanted): {differ}; "
-                              "choose another folder or delete it")
+        raise FileExistsError(f"{out} holds features extracted with other settings ({'; '.join(differ)}); run with "
+                              "its settings to resume it, or write the new features to another folder")
