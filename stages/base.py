@@ -82,9 +82,11 @@ class DiffusionStage(L.LightningModule):
     # ------------------------------------------------------------------ training
     @property
     def global_batch(self) -> int:
-        """Images per optimizer step over all processes, as this Trainer runs (micro x accumulation x world)."""
-        world, accumulation = (self.trainer.world_size, self.trainer.accumulate_grad_batches) if self._trainer else (1, 1)
-        return self.cfg.batch_plan().micro * accumulation * world
+        """Images per optimizer step over all processes, as this Trainer runs (micro x accumulation x world), or as
+        the config plans it before there is a Trainer."""
+        if self._trainer is None:
+            return self.cfg.batch_plan().global_batch
+        return self.cfg.batch_plan().micro * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     @property
     def vae(self) -> VAE | LazyVAE | PixelSpace:

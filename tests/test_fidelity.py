@@ -179,3 +179,15 @@ def test_ranks_agree_on_preemption_at_least_every_step_under_accumulation() -> N
     from callbacks.preemption import agreement_interval
 
     assert [agreement_interval(a) for a in (1, 2, 8, 64)] == [10, 5, 1, 1]
+
+
+@pytest.mark.parametrize(("scale_lr", "lr"), [(False, 2e-5), (True, 2e-5 * (11392 / 256) ** 0.5)])
+def test_paper_learning_rate_with_the_official_scaling_as_one_override(scale_lr: bool, lr: float) -> None:
+    """configs/pixart-xl2 follows the paper's plain 2e-5; optim.scale_lr=true gives the official configs'
+    sqrt(global batch / 256), taken over the global batch (x6.7 at stage 2), not the per-device micro-batch."""
+    from pixart_lightning.vae import PixelSpace
+
+    cfg = load_stage(CONFIGS / "pixart-xl2", 2, [*DEBUG, f"optim.scale_lr={scale_lr}"])
+    module = STAGE_MODULES[2](cfg, PixArt(cfg.pixart_config(caption_channels=8)), PixelSpace(), None)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(lr)  # before the warm-up factor
