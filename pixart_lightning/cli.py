@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may follow options (`run configs/demo --stages 1 optim.lr=1e-4`).
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command not in ("run", "slurm") or any("=" not in e or e.startswith("-") for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     command = _command_name(args)
@@ -499,6 +499,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     return 0
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command as typed, so that its errors show its own usage line and name
+    (``pixart-lightning data ingest: error: ...``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
 
 
 def _command_name(args: argparse.Namespace) -> str:

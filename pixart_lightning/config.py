@@ -455,8 +455,11 @@ def validate(cfg: StageConfig) -> StageConfig:
         patch = cfg.model.patch_size or PixArtConfig.from_name(cfg.model.size).patch_size
         granularity = patch * cfg.latent_factor
         if cfg.data.resolution % granularity:
-            problems.append(f"data.resolution={cfg.data.resolution} is not divisible by patch size x VAE factor "
-                            f"= {patch} x {cfg.latent_factor}")
+            # key=value pairs, so that the origins listed after the problem name where the patch size was set
+            patch_text = (f"model.patch_size={patch}" if cfg.model.patch_size
+                          else f"patch size {patch} (model.size={cfg.model.size})")
+            problems.append(f"data.resolution={cfg.data.resolution} is not divisible by {patch_text} x VAE factor "
+                            f"{cfg.latent_factor} (vae.name={cfg.vae.name})")
         else:
             try:
                 cfg.pixart_config()

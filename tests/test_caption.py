@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from webdataset import TarWriter
 
+from pixart_lightning.data import caption as caption_module
 from pixart_lightning.data.caption import (
     DENSE_KEY,
     FALLBACK_MAX_NEW_TOKENS,
@@ -158,11 +159,13 @@ def test_samples_keep_their_members_and_gain_a_dense_caption(captioned: tuple[Pa
 
 
 def test_rerun_skips_finished_shards_without_loading_the_model(source: Path, captioned: tuple[Path, dict],
-                                                                tmp_path: Path, tiny_llava: Path) -> None:
+                                                                tmp_path: Path, tiny_llava: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     shutil.copytree(captioned[0], out)
     before = {name: (out / name).read_bytes() for name in SHARDS}
-    summary = recaption(str(source), out, model=str(tmp_path / "no-such-model"), progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(caption_module, "Captioner", None)  # not called: nothing to caption
+        summary = recaption(str(source), out, model=str(tiny_llava), max_new_tokens=8, progress=False)
     assert (summary["shards_done"], summary["shards_already_done"]) == (0, 2)
     assert {name: (out / name).read_bytes() for name in SHARDS} == before
     manifest = json.loads((out / "caption-manifest.json").read_text())  # the totals survive a rerun
@@ -172,6 +175,44 @@ def test_rerun_skips_finished_shards_without_loading_the_model(source: Path, cap
     summary = recaption(str(source), out, model=str(tiny_llava), batch_size=2, max_new_tokens=8, progress=False)
     assert (summary["shards_done"], summary["shards_already_done"], summary["count"]) == (1, 1, 5)
     assert read_tar(out / SHARDS[1]) == read_tar(captioned[0] / SHARDS[1])  # greedy decoding is deterministic
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_each(source: Path, captioned: tuple[Path, dict],
+                                                             tmp_path: Path, tiny_llava: Path) -> None:
+    """Every shard records its settings (the effective token limit too); a rerun that differs names each
+    difference and how to resume, and touches nothing."""
+    out = tmp_path / "out"
+    shutil.copytree(captioned[0], out)
+    (out / SHARDS[1]).unlink()  # one shard left to do: the rerun would caption it with the other settings
+    recorded = json.loads((out / "shard-000000.stats.json").read_text())["settings"]
+    assert recorded == {"model": str(tiny_llava.resolve()), "max_new_tokens": 8, "seed_with_caption": True,
+                        "image_aspect": "pad"}
+    other = tmp_path / "other-llava"
+    shutil.copytree(tiny_llava, other)
+    with pytest.raises(FileExistsError) as caught:
+        recaption(str(source), out, model=str(other), max_new_tokens=4, seed_with_caption=False, image_aspect="crop",
+                  progress=False)
+    assert str(caught.value) == (
+        f"{out} holds captions made with other settings (model: {str(tiny_llava.resolve())!r} there, "
+        f"{str(other.resolve())!r} asked; max_new_tokens: 8 there, 4 asked; seed_with_caption: True there, False "
+        "asked; image_aspect: 'pad' there, 'crop' asked); run with its settings to resume it, or write the new "
+        "captions to another folder")
+    assert not (out / SHARDS[1]).exists()
+
+
+def test_shards_finished_before_statistics_were_kept_are_counted_not_recaptioned(
+        source: Path, captioned: tuple[Path, dict], tmp_path: Path, tiny_llava: Path, monkeypatch) -> None:
+    """The previous version wrote a finished shard with no .stats.json beside it: a rerun counts its samples."""
+    out = tmp_path / "out"
+    shutil.copytree(captioned[0], out)
+    for stats in out.glob("*.stats.json"):
+        stats.unlink()
+    before = {name: (out / name).read_bytes() for name in SHARDS}
+    monkeypatch.setattr(caption_module, "Captioner", None)  # not called: nothing to caption
+    summary = recaption(str(source), out, model=str(tiny_llava), max_new_tokens=8, progress=False)
+    assert (summary["shards_done"], summary["shards_already_done"], summary["count"]) == (0, 2, 5)
+    assert {name: (out / name).read_bytes() for name in SHARDS} == before
+    assert json.loads((out / "shard-000000.stats.json").read_text())["samples"] == 2
 
 
 def test_ranks_split_shards_by_index(source: Path, captioned: tuple[Path, dict], tmp_path: Path,
@@ -215,7 +256,7 @@ def test_sources_without_shards_are_rejected(tmp_path: Path) -> None:
 def test_unreachable_hub_model_fails_clearly(source: Path, tmp_path: Path, monkeypatch) -> None:
     """A Hub id that is neither cached nor downloadable names the model and how to supply it as a folder."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotAvailableError, match="LLaVA processor 'pixart-lightning-tests/no-such-llava'"):
+    with pytest.raises(ModelNotAvailableError, match="LLaVA generation config 'pixart-lightning-tests/no-such-llava'"):
         recaption(str(source), tmp_path / "out", model="pixart-lightning-tests/no-such-llava", progress=False)
 
 
@@ -237,4 +278,4 @@ def test_new_tokens_follow_the_model_and_each_shard_reports_its_speed(source: Pa
     reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("caption: ")]
     assert [line.split()[1] for line in reports] == [f"{name}:" for name in SHARDS]
     assert all("tokens/s" in line and "ETA" in line for line in reports)
-    assert summary["new_tokens"] == 3 * summary["count"] and summary["max_new_tokens"] is None
+    assert summary["new_tokens"] == 3 * summary["count"] and summary["max_new_tokens"] == 3  # the limit used

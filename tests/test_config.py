@@ -13,6 +13,15 @@ from pixart_lightning.runner import plan
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def test_the_readme_override_example_runs_the_micro_batch_it_gives() -> None:
+    """configs/README.md's `make stage2 ... RUN_ARGS="..."` example: its data.batch_size is the micro-batch run,
+    not a smaller divisor of the per-device share with more accumulation steps."""
+    (example,) = [line for line in (CONFIGS / "README.md").read_text().splitlines() if "RUN_ARGS=" in line]
+    overrides = example.split('RUN_ARGS="', 1)[1].rstrip('"').split()
+    cfg = load_stage(CONFIGS / "pixart-xl2", 2, overrides)
+    assert cfg.batch_plan().micro == cfg.data.batch_size
+
+
 @pytest.mark.parametrize("folder", sorted(p.name for p in CONFIGS.iterdir() if p.is_dir()))
 def test_shipped_configs_validate(folder: str) -> None:
     """Each config folder plans all its units and builds each unit's model config."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -106,7 +107,13 @@ def test_the_demo_on_the_users_data_names_its_fid_reference_first(tmp_path: Path
 def test_a_command_line_value_is_blamed_on_the_command_line() -> None:
     with pytest.raises(ConfigError) as caught:
         load_stage(DEMO, 3, ["data.resolution=50"])
-    assert str(caught.value) == "stage 3: command line: data.resolution=50 is not divisible by patch size x VAE factor = 4 x 1"
+    assert re.fullmatch(
+        r"stage 3: command line: data.resolution=50 is not divisible by patch size 4 \(model.size=PixArt-tiny/4\) x VAE "
+        rf"factor 1 \(vae.name=pixel\) \[model.size: {re.escape(str(DEMO))}/base.yaml:\d+, vae.name: .*base.yaml:\d+\]",
+        str(caught.value))
+    with pytest.raises(ConfigError, match=r"is not divisible by model.patch_size=3 x VAE factor 1 \(vae.name=pixel\) "
+                                          r"\[model.patch_size: command line, "):
+        load_stage(DEMO, 3, ["model.patch_size=3"])
     with pytest.raises(ConfigError, match=r"^stage 2: command line: fid.reference: Cannot convert"):
         load_stage(DEMO, 2, ["fid.reference=[a,b]"])
     with pytest.raises(ConfigError, match=r"^stage 2: command line: unknown key 'optim.lrr'"):
@@ -153,9 +160,9 @@ def test_every_value_a_problem_shows_is_traced(tmp_path: Path) -> None:
 
 def test_cli_names_the_command_line_in_one_line(capsys) -> None:
     assert main(["run", str(DEMO), "--stages", "3", "stage3.data.resolution=50"]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "pixart-lightning run: error: stage 3: command line: data.resolution=50 is not divisible by patch size x "
-        "VAE factor = 4 x 1"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pixart-lightning run: error: stage 3: command line: data.resolution=50 is not divisible by "
+                           "patch size 4 (model.size=PixArt-tiny/4) x VAE factor 1 (vae.name=pixel) [model.size: ")
 
 
 # --------------------------------------------------------------------------- skip reasons
@@ -244,3 +251,12 @@ def test_loader_worker_unwrapping_keeps_a_multi_line_message() -> None:
         next(itertools.islice(DataLoader(Failing(), batch_size=None, num_workers=1), 1))
     assert "DataLoader worker" in str(caught.value)
     assert _own_message(caught.value) == "shards: nothing to read\nsee the manifest"
+
+
+def test_an_unknown_option_names_the_subcommand_and_its_usage(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["data", "ingest", "SRC", "--out", "O", "--bogus"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: pixart-lightning data ingest ")
+    assert err[-1] == "pixart-lightning data ingest: error: unrecognized arguments: --bogus"

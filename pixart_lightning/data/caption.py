@@ -11,7 +11,8 @@ wide images (and the top and bottom of tall ones) uncaptioned. ``image_aspect="c
 How: each input shard becomes an output shard of the same name whose samples keep every original member
 byte-for-byte and gain ``dense.txt`` (train on it with the reader's caption key). Shard ``i`` belongs to rank
 ``i % world_size``; each output shard is written under a temporary name and renamed when complete, with its
-statistics beside it, so a rerun skips the shards already done and an interrupted job resumes shard by shard.
+statistics and settings (model, token limit, image aspect, caption seeding) beside it, so a rerun skips the shards
+already done and an interrupted job resumes shard by shard; a rerun with other settings is refused.
 Samples whose image cannot be decoded (or whose dense caption comes out empty) are dropped and counted; a tar cut
 short keeps every sample before the cut. Every run writes ``caption-manifest.json``: the totals of every finished
 shard, whichever run or rank captioned it. Rank 0 copies the dataset manifest beside the shards.
@@ -35,12 +36,12 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoProcessor, BatchFeature, GenerationConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, BatchFeature, GenerationConfig, LlavaForConditionalGeneration
 from webdataset import TarWriter
 
 from ..files import write_json_atomic
 from ..hub import load_pretrained
-from .counts import Counts, add_up, finished_stats, shard_finished, write_shard_stats
+from .counts import Counts, add_up, finished_stats, shard_finished, stats_path, write_shard_stats
 from .samples import caption_text, image_member, open_image
 from .shards import MANIFEST_NAMES, DataError, batched, tar_shards
 from .sources import complete_samples
@@ -56,6 +57,8 @@ FALLBACK_MAX_NEW_TOKENS = 256
 PROMPT = "Describe this image and its style in a very detailed manner."
 SEEDED_PROMPT = 'Given the caption of this image "{caption}", describe this image and its style in a very detailed manner.'
 IMAGE_ASPECTS = ("pad", "crop")
+SETTINGS_KEY = "settings"
+"""Where a shard's statistics record the settings it was captioned with."""
 
 
 def caption_prompt(caption: str | None = None) -> str:
@@ -68,6 +71,18 @@ def generation_limit(config: GenerationConfig) -> int:
     """The model's own limit on new tokens per caption: its generation config's ``max_new_tokens``, else
     ``FALLBACK_MAX_NEW_TOKENS`` (its ``max_length`` counts the prompt's hundreds of image tokens too)."""
     return config.max_new_tokens or FALLBACK_MAX_NEW_TOKENS
+
+
+def model_generation_limit(name_or_path: str) -> int:
+    """:func:`generation_limit` of a model read from its config files alone (no weights loaded), so that a rerun
+    compares its settings before loading anything; without a generation_config.json transformers derives the
+    generation config from config.json, and so does this."""
+    try:
+        config = load_pretrained(GenerationConfig.from_pretrained, name_or_path, "LLaVA generation config")
+    except OSError:
+        model_config = load_pretrained(AutoConfig.from_pretrained, name_or_path, "LLaVA config")
+        config = GenerationConfig.from_model_config(model_config)
+    return generation_limit(config)
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -163,27 +178,57 @@ def recaption(
     if any(shard.parent.resolve() == out_dir.resolve() for shard in shards):
         raise ValueError(f"{out_dir}: the output folder must not be the source folder")
     mine = share(shards, rank, world_size)
+    targets = [out_dir / shard.name for shard in shards]
+    for shard in mine:
+        _count_unrecorded(out_dir / shard.name)
+    if Path(model).is_dir():
+        model = str(Path(model).resolve())  # the folder, wherever the command is run from
+    settings = {"model": model, "max_new_tokens": max_new_tokens or model_generation_limit(model),
+                "seed_with_caption": seed_with_caption, "image_aspect": image_aspect}
+    _check_settings(out_dir, settings, targets)
     todo = [shard for shard in mine if not shard_finished(out_dir / shard.name)]
     device = device or process_device(rank)
     if todo:
-        captioner = Captioner(model, max_new_tokens, dtype, device, image_aspect)
+        captioner = Captioner(model, settings["max_new_tokens"], dtype, device, image_aspect)
         start = time.perf_counter()
         with tqdm(desc=f"recaption rank {rank}", unit="sample", disable=not progress) as bar:
             for done, shard in enumerate(todo, 1):
-                stats = _recaption_shard(shard, out_dir, captioner, batch_size, seed_with_caption, bar)
+                stats = _recaption_shard(shard, out_dir, captioner, batch_size, settings, bar)
                 print(_shard_report(shard, stats, done, len(todo), time.perf_counter() - start), flush=True)
-    settings = {"model": model, "max_new_tokens": max_new_tokens, "prompt": PROMPT,
-                "seeded_prompt": SEEDED_PROMPT if seed_with_caption else None, "image_aspect": image_aspect}
-    manifest = _write_manifest(out_dir, [out_dir / shard.name for shard in shards], settings)
+    prompts = {"prompt": PROMPT, "seeded_prompt": SEEDED_PROMPT if seed_with_caption else None}
+    manifest = _write_manifest(out_dir, targets, settings | prompts)
     if rank == 0:
         _copy_dataset_manifest(shards[0].parent, out_dir)
     log.info("recaption manifest: %s", json.dumps(manifest))
     return manifest | {"shards_done": len(todo), "shards_already_done": len(mine) - len(todo)}
 
 
+def _count_unrecorded(target: Path) -> None:
+    """A shard finished by a version that wrote no statistics beside it is finished all the same (it was renamed
+    into place when complete): its statistics are written by counting its samples, not by captioning it again.
+    Its settings were not recorded, so none are claimed."""
+    if not target.is_file() or stats_path(target).is_file():
+        return
+    skipped = Counts()
+    count = sum(1 for _ in complete_samples(str(target), lambda err: skipped.tar_error(str(target), err)))
+    write_shard_stats(target, {"samples": count, **skipped.fields(), "new_tokens": 0, "seconds": 0.0})
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any], targets: list[Path]) -> None:
+    """A folder is resumed only with the settings its finished shards were captioned with, so that one folder
+    never mixes captions of two models or limits."""
+    recorded = [stats[SETTINGS_KEY] for stats in finished_stats(targets) if SETTINGS_KEY in stats]
+    found = next((r for r in recorded if r != settings), None)
+    if found is None:
+        return
+    differ = [f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in settings.items() if found.get(k) != v]
+    raise FileExistsError(f"{out_dir} holds captions made with other settings ({'; '.join(differ)}); run with its "
+                          "settings to resume it, or write the new captions to another folder")
+
+
 def _write_manifest(out_dir: Path, targets: list[Path], settings: dict[str, Any]) -> dict[str, Any]:
     """``caption-manifest.json``: the settings and the totals of every finished one of ``targets``."""
-    finished = finished_stats(targets)
+    finished = [{k: v for k, v in stats.items() if k != SETTINGS_KEY} for stats in finished_stats(targets)]
     empty = {"samples": 0, **Counts().fields(), "new_tokens": 0, "seconds": 0.0}
     totals = add_up([empty, *finished])
     manifest = {**settings, "shards": len(targets), "shards_finished": len(finished),
@@ -201,19 +246,19 @@ def _shard_report(shard: Path, stats: dict[str, Any], done: int, todo: int, elap
 
 
 def _recaption_shard(
-    shard: Path, out_dir: Path, captioner: Captioner, batch_size: int, seed_with_caption: bool, bar: tqdm,
+    shard: Path, out_dir: Path, captioner: Captioner, batch_size: int, settings: dict[str, Any], bar: tqdm,
 ) -> dict[str, Any]:
-    """Caption one shard into ``out_dir/<shard name>`` (renamed into place when complete, its statistics
-    written beside it); returns the statistics."""
+    """Caption one shard into ``out_dir/<shard name>`` (renamed into place when complete, its statistics and
+    ``settings`` written beside it); returns the statistics."""
     partial = out_dir / f".{shard.name}.{os.getpid()}.partial"
     try:
-        return _caption_into(shard, partial, out_dir / shard.name, captioner, batch_size, seed_with_caption, bar)
+        return _caption_into(shard, partial, out_dir / shard.name, captioner, batch_size, settings, bar)
     finally:
         partial.unlink(missing_ok=True)
 
 
 def _caption_into(
-    shard: Path, partial: Path, target: Path, captioner: Captioner, batch_size: int, seed_with_caption: bool,
+    shard: Path, partial: Path, target: Path, captioner: Captioner, batch_size: int, settings: dict[str, Any],
     bar: tqdm,
 ) -> dict[str, Any]:
     start = time.perf_counter()
@@ -222,7 +267,7 @@ def _caption_into(
     with TarWriter(str(partial), encoder=False) as sink:
         for batch in batched(_readable(shard, skipped), batch_size):
             samples, images = zip(*batch, strict=True)
-            captions = [caption_text(s, "txt", {}) if seed_with_caption else None for s in samples]
+            captions = [caption_text(s, "txt", {}) if settings["seed_with_caption"] else None for s in samples]
             dense_captions, tokens = captioner.caption(images, captions)
             new_tokens += tokens
             for sample, dense in zip(samples, dense_captions, strict=True):
@@ -236,7 +281,7 @@ def _caption_into(
         raise DataError(f"{shard}: could not be read ({skipped.summary()}); fix it and run the same command again")
     os.replace(partial, target)
     stats = {"samples": written, **skipped.fields(), "new_tokens": new_tokens,
-             "seconds": round(time.perf_counter() - start, 3)}
+             "seconds": round(time.perf_counter() - start, 3), SETTINGS_KEY: settings}
     write_shard_stats(target, stats)
     return stats
 

@@ -36,7 +36,16 @@ from ..config import ConfigError, DataSection, ModelSection, StageConfig, VAESec
 from ..files import write_json_atomic
 from .counts import Counts, add_up, finished_stats, shard_finished, write_shard_stats
 from .features import FEATURES_KEY, encode_features
-from .samples import IMAGE_EXTENSIONS, fit_to_bucket, image_member, open_image, original_size, read_caption, sample_meta
+from .samples import (
+    IMAGE_EXTENSIONS,
+    fit_to_bucket,
+    image_member,
+    open_image,
+    original_size,
+    read_caption,
+    sample_meta,
+    sample_name,
+)
 from .shards import DataError, batched, data_buckets, tar_shards
 from .sources import complete_samples
 from .workers import process_device, process_rank, share
@@ -89,7 +98,7 @@ class Extractor:
 
     def _prepared(self, raw: dict[str, Any], skipped: Counts) -> dict[str, Any] | None:
         """The raw sample with its metadata, bucket-fitted pixels and caption; None (counted) when unusable."""
-        key = raw.get("__key__", "?")
+        key = sample_name(raw)
         try:
             meta = sample_meta(raw)
         except ValueError as err:  # also json's JSONDecodeError
@@ -165,7 +174,7 @@ class Extractor:
                 items = [p for raw in batch if (p := self._prepared(raw, skipped)) is not None]
                 for item, features in zip(items, self._features(items) if items else []):
                     if not all(torch.isfinite(v).all() for v in features.values()):  # e.g. an fp16 overflow
-                        skipped.add("non-finite features", item["raw"]["__key__"])
+                        skipped.add("non-finite features", sample_name(item["raw"]))
                         continue
                     sink.write(self._output(item, features))
                     if "ratio" in item:

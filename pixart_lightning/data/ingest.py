@@ -40,19 +40,23 @@ from tqdm import tqdm
 
 from .buckets import bucket_table, nearest_bucket
 from .counts import Counts
-from .samples import IMAGE_EXTENSIONS, caption_text, open_image, original_size, sample_meta
+from .samples import (
+    IMAGE_EXTENSIONS,
+    PIL_EXTENSIONS,
+    SIDE_EXTENSIONS,
+    caption_text,
+    open_image,
+    original_size,
+    sample_meta,
+    sample_name,
+)
 from .shards import DataError, resolve_sources
-from .sources import ImageFolder, complete_samples
+from .sources import ImageFolder, complete_samples, extension, folder_files
 
 MANIFEST = "manifest.json"
 CAPTION_FIELDS = ("caption", "text", "prompt")  # where img2dataset-style json keeps a caption
-PIL_EXTENSIONS = frozenset(ext.lstrip(".") for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-"""Every file extension PIL opens (GIF, TIFF, BMP, ICO, ...): ingest takes all of them."""
 IMAGE_MEMBERS = (*IMAGE_EXTENSIONS, *sorted(PIL_EXTENSIONS - set(IMAGE_EXTENSIONS)))
 """A sample's image member: a format every reader takes first, else any format PIL opens."""
-SIDE_MEMBERS = ("txt", "json", "cls")
-"""Caption, metadata and class label: files beside an image in a folder (``cat.jpg`` + ``cat.txt``), members of its
-sample in a tar."""
 
 
 def stable_key(source: str, name: str) -> str:
@@ -63,36 +67,54 @@ def stable_key(source: str, name: str) -> str:
     return f"{readable}-{digest}" if readable else digest
 
 
-def _extension(path: Path) -> str:
-    return path.suffix.lower().lstrip(".")
-
-
 def _urls(spec: str, ignored: Counts) -> list[str]:
-    """The urls of one source. A folder without tars is an image folder, read whole; in a folder of tars, every
-    other file is counted in ``ignored``."""
+    """The urls of one source. A folder without tars is an image folder, read whole, and so is one photo; in a folder
+    of tars, every other file is counted in ``ignored``."""
     path = Path(spec)
+    if path.is_file() and extension(path) in PIL_EXTENSIONS:
+        return [spec]
     if not path.is_dir():
         return resolve_sources(spec)
     if not any(path.glob("*.tar")):
         return [spec]
     urls = resolve_sources(spec)
-    for other in sorted(set(p for p in path.rglob("*") if p.is_file()) - {Path(u) for u in urls}):
+    files, broken = folder_files(path)
+    for other in sorted(set(files) - {Path(u) for u in urls}):
         ignored.add("not a tar shard (in a folder of shards)", str(other))
+    for link in broken:
+        ignored.add("broken link", str(link))
     return urls
 
 
+def _ignored_reason(path: Path, source: ImageFolder) -> str | None:
+    """Why a folder's file that is no image is not part of any sample, or None when it is."""
+    if extension(path) not in SIDE_EXTENSIONS:
+        return "unsupported extension"
+    sides = source.sides.get(path.with_suffix(""))
+    if sides is None:
+        return "caption or metadata with no image"
+    return None if sides[extension(path)] == path else "second side file of one image (extensions differ in case)"
+
+
 def _folder_samples(folder: str, ignored: Counts) -> Iterator[dict[str, Any]]:
-    """Raw samples of an image folder: every file PIL opens, with its .txt/.json/.cls; every other file is counted
-    in ``ignored``."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    images = [p for p in files if _extension(p) in PIL_EXTENSIONS]
-    stems = {p.with_suffix("") for p in images}
+    """Raw samples of an image folder (symlinked folders followed): every file PIL opens, with its .txt/.json/.cls;
+    every other file and every broken link is counted in ``ignored``."""
+    files, broken = folder_files(folder)
+    source = ImageFolder.of(folder, files, PIL_EXTENSIONS)
+    images = set(source.images)
     for path in files:
-        if _extension(path) in PIL_EXTENSIONS or (_extension(path) in SIDE_MEMBERS and path.with_suffix("") in stems):
-            continue
-        reason = "caption or metadata with no image" if _extension(path) in SIDE_MEMBERS else "unsupported extension"
-        ignored.add(reason, str(path))
-    source = ImageFolder(folder, images)
+        if path not in images and (reason := _ignored_reason(path, source)) is not None:
+            ignored.add(reason, str(path))
+    for link in broken:
+        ignored.add("broken link", str(link))
+    yield from (raw for _, raw in source.read(range(len(source))))
+
+
+def _photo_samples(photo: str) -> Iterator[dict[str, Any]]:
+    """The one raw sample of a photo given as a source, with its side files, keyed as in its folder."""
+    path = Path(photo)
+    files = [path, *(p for p in path.parent.iterdir() if p.with_suffix("") == path.with_suffix("") and p != path)]
+    source = ImageFolder.of(str(path.parent), files, {extension(path)})
     yield from (raw for _, raw in source.read(range(len(source))))
 
 
@@ -101,8 +123,10 @@ def _raw_samples(urls: Sequence[str], skipped: Counts, ignored: Counts) -> Itera
     for url in urls:
         if Path(url).is_dir():
             yield from _folder_samples(url, ignored)
+        elif Path(url).is_file() and extension(Path(url)) in PIL_EXTENSIONS:
+            yield from _photo_samples(url)
         else:
-            yield from complete_samples(url, lambda err, url=url: skipped.tar_error(url, err))
+            yield from complete_samples(url, lambda err, url=url: skipped.tar_error(url, err), ignored.add)
 
 
 def _caption(raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
@@ -133,7 +157,7 @@ def to_sample(raw: dict[str, Any], ignored: Counts) -> tuple[dict[str, bytes], t
     caption = _caption(raw, meta)
     if caption is None and "txt" in raw:
         return "non-UTF-8 or blank caption"
-    for member in sorted(set(raw) - {ext, *SIDE_MEMBERS}):
+    for member in sorted(set(raw) - {ext, *SIDE_EXTENSIONS}):
         if not member.startswith("__"):
             ignored.add("unsupported tar member", f"{source}.{member}")
     key = stable_key(Path(str(raw.get("__url__", ""))).name, raw["__key__"])
@@ -185,7 +209,7 @@ def ingest(
                 result = to_sample(raw, ignored)
                 if isinstance(result, str) or result[0]["__key__"] in seen:
                     reason = result if isinstance(result, str) else "duplicate key"
-                    skipped.add(reason, f"{raw.get('__url__', '')}:{raw.get('__key__', '?')}")
+                    skipped.add(reason, sample_name(raw))
                     continue
                 sample, (h, w) = result
                 seen.add(sample["__key__"])

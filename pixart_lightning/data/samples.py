@@ -20,6 +20,19 @@ from torch import Tensor
 from .buckets import nearest_bucket
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Formats every reader takes as they are (training reads an image folder's files of these only)."""
+PIL_EXTENSIONS = frozenset(ext.lstrip(".") for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+"""Every file extension PIL opens (GIF, TIFF, BMP, ICO, ...): ingest takes all of them."""
+SIDE_EXTENSIONS = ("txt", "json", "cls")
+"""Caption, metadata and class label: files beside an image in a folder (``cat.jpg`` + ``cat.txt``), members of its
+sample in a tar."""
+WIDE_GRAY_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def sample_name(raw: dict[str, Any]) -> str:
+    """Where a raw sample came from, for skip counts: its image file when read from a folder (``cat.png`` and
+    ``cat.jpg`` share a key), else ``url:key``."""
+    return str(raw.get("__file__") or f"{raw.get('__url__', '')}:{raw.get('__key__', '?')}")
 
 
 def image_member(raw: dict[str, Any]) -> str | None:
@@ -35,11 +48,25 @@ def open_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     image = ImageOps.exif_transpose(image)
+    if image.mode in WIDE_GRAY_MODES:
+        image = _gray_to_8bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return image.convert("RGB")
+
+
+def _gray_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale (16-bit PNG and TIFF scans) as 8-bit: ``convert("RGB")`` clips them at 255,
+    which turns almost every pixel white. Integers are read as 16-bit (65535 is white); floats by their range."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(values.min()), float(values.max())
+        values = (values - low) * (255 / (high - low or 1))
+    else:
+        values = values / 257
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
 
 
 def sample_meta(raw: dict[str, Any]) -> dict[str, Any]:

@@ -40,9 +40,9 @@ from ..config import DataSection
 from .buckets import bucket_table, nearest_bucket
 from .features import FEATURES_KEY, decode_features
 from .positions import Ref, ShuffleBuffer, WorkerPosition, ref_array, ref_list
-from .samples import IMAGE_EXTENSIONS, fit_to_bucket, image_member, open_image, original_size, read_caption, sample_meta
+from .samples import PIL_EXTENSIONS, fit_to_bucket, image_member, open_image, original_size, read_caption, sample_meta
 from .slots import SlotReader
-from .sources import Handler, ImageFolder, is_remote
+from .sources import Handler, ImageFolder, extension, folder_files, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def resolve_sources(spec: str) -> list[str]:
         tars = sorted(str(p) for p in path.glob("*.tar"))
         if tars:
             return tars
-        if any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in path.rglob("*")):
+        if any(extension(p) in PIL_EXTENSIONS for p in folder_files(path)[0]):
             return [str(path)]
         raise DataError(f"{spec}: the folder holds no .tar shards and no images")
     urls = list(braceexpand.braceexpand(spec))

@@ -19,10 +19,11 @@ The data tools read a tar whole through :func:`complete_samples`, which keeps on
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,15 @@ import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tarfile_samples
 
-from .samples import IMAGE_EXTENSIONS
+from .samples import IMAGE_EXTENSIONS, PIL_EXTENSIONS, SIDE_EXTENSIONS
 
 Handler = Callable[[Exception], bool]
+OnIgnored = Callable[[str, str], None]
+"""Hears of an input left out on purpose: ``(reason, name)``."""
 Ordinals = range | Sequence[int]
 """Sample ordinals in increasing order: a range (possibly open-ended: ``range(k, sys.maxsize, n)``) or a list."""
+
+log = logging.getLogger(__name__)
 
 SKIP_META = re.compile(r"__[^/]*__($|/)")  # member names webdataset's tar_file_iterator leaves out
 
@@ -44,6 +49,25 @@ SKIP_META = re.compile(r"__[^/]*__($|/)")  # member names webdataset's tar_file_
 def is_remote(url: str) -> bool:
     """A url webdataset opens itself (http(s), s3, ``pipe:`` commands): not checked, not globbed, not indexed."""
     return "://" in url or url.startswith("pipe:")
+
+
+def extension(path: Path) -> str:
+    return path.suffix.lower().lstrip(".")
+
+
+def folder_files(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """Every file under ``root`` in sorted order, symlinked folders followed (each real folder once, so a link
+    to an ancestor does not loop), and the broken links, which name no file."""
+    files: list[Path] = []
+    broken: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        seen.add(os.path.realpath(folder))
+        subfolders[:] = [d for d in subfolders if os.path.realpath(os.path.join(folder, d)) not in seen]
+        for name in names:
+            path = Path(folder, name)
+            (files if path.is_file() else broken).append(path)
+    return sorted(files), sorted(broken)
 
 
 def _member_key(member: tarfile.TarInfo) -> str | None:
@@ -66,13 +90,32 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def complete_samples(url: str, on_error: Callable[[Exception], None]) -> Iterator[dict[str, Any]]:
+def _ignored_member_reason(member: tarfile.TarInfo) -> str | None:
+    """Why webdataset leaves out a member that holds data, or None for one it reads or one with nothing in it
+    (a folder entry, webdataset's own ``__meta__`` members)."""
+    if member.isdir() or SKIP_META.match(member.name):
+        return None
+    return "tar member that is not a regular file" if not member.isreg() else "tar member with no sample key"
+
+
+def _ends_early(url: str, tar: tarfile.TarFile) -> bool:
+    """Whether a local uncompressed tar stops before its end-of-archive blocks: ``tarfile`` takes a header cut
+    short (or no header at all) for the archive's end, so a cut there or at a member boundary looks complete."""
+    if is_remote(url) or getattr(tar.fileobj, "comptype", "tar") != "tar":
+        return False
+    return os.path.getsize(url) < tar.offset + 2 * tarfile.BLOCKSIZE
+
+
+def complete_samples(
+    url: str, on_error: Callable[[Exception], None], on_ignored: OnIgnored | None = None
+) -> Iterator[dict[str, Any]]:
     """The samples of one tar (grouped as webdataset groups them) whose members were all read in full.
 
     Where the tar is cut short or cannot be read, ``on_error`` hears of it once and reading stops: every sample
-    before the cut is kept, the one still open at the cut is not (it may lack members). ``data ingest``,
-    ``caption``, ``stats`` and ``extract`` all read tars here, so they agree on what a truncated tar holds. A cut
-    exactly at a member boundary looks like the tar's end to ``tarfile`` and goes unnoticed.
+    before the cut is kept, the one still open at the cut is not (it may lack members). A local uncompressed tar
+    that ends without its end-of-archive blocks counts as cut too, wherever the cut falls. ``data ingest``,
+    ``caption``, ``stats`` and ``extract`` all read tars here, so they agree on what a truncated tar holds.
+    Members webdataset leaves out (no dot in the name, a link) go to ``on_ignored`` as ``(reason, url:name)``.
     """
     sample: dict[str, Any] | None = None
     try:
@@ -81,12 +124,17 @@ def complete_samples(url: str, on_error: Callable[[Exception], None]) -> Iterato
                 tar.members = []  # a streamed TarFile keeps every member it has read otherwise
                 key = _member_key(member)
                 if key is None:
+                    reason = _ignored_member_reason(member)
+                    if reason is not None and on_ignored is not None:
+                        on_ignored(reason, f"{url}:{member.name}")
                     continue
                 if sample is not None and sample["__key__"] != key:
                     yield sample  # complete: the next member belongs to another sample
                     sample = None
                 sample = sample or {"__key__": key, "__url__": url}
                 sample[base_plus_ext(member.name)[1].lower()] = tar.extractfile(member).read()
+            if _ends_early(url, tar):
+                raise tarfile.ReadError("the tar ends without its end-of-archive blocks (cut short)")
     except Exception as err:  # noqa: BLE001 - a cut or unreadable tar ends its samples, never the run
         on_error(err)
         return
@@ -168,15 +216,34 @@ class StreamedTar:
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """An image folder's images in sorted order, each with any .txt/.json/.cls beside it."""
+    """An image folder's images in sorted order, each with any .txt/.json/.cls beside it (``cat.jpg`` with
+    ``cat.txt`` or ``cat.TXT``: the extension's case does not matter, the name's does)."""
 
     url: str
     images: list[Path]
+    sides: dict[Path, dict[str, Path]]
+    """Image path without its extension -> side extension (lower case) -> side file."""
+
+    @classmethod
+    def of(cls, url: str, files: Sequence[Path], extensions: Collection[str]) -> ImageFolder:
+        """The folder's files of ``extensions`` as its images, with the side files that go with them."""
+        images = sorted(p for p in files if extension(p) in extensions)
+        stems = {p.with_suffix("") for p in images}
+        sides: dict[Path, dict[str, Path]] = {}
+        for path in files:
+            if extension(path) in SIDE_EXTENSIONS and path.with_suffix("") in stems:
+                sides.setdefault(path.with_suffix(""), {}).setdefault(extension(path), path)
+        return cls(url, images, sides)
 
     @classmethod
     def list(cls, url: str) -> ImageFolder:
-        images = sorted(p for p in Path(url).rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-        return cls(url, images)
+        """The folder's JPEG, PNG and WebP images (what training reads); other image formats are logged."""
+        files, _ = folder_files(url)
+        unread = [p for p in files if extension(p) in PIL_EXTENSIONS - set(IMAGE_EXTENSIONS)]
+        if unread:
+            log.warning("%s: %d images in formats training does not read (first: %s); run `pixart-lightning data "
+                        "ingest` on the folder to convert them", url, len(unread), unread[0])
+        return cls.of(url, files, IMAGE_EXTENSIONS)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -189,12 +256,10 @@ class ImageFolder:
 
     def _sample(self, image: Path) -> dict[str, Any]:
         key = str(image.relative_to(self.url).with_suffix(""))
-        sample: dict[str, Any] = {"__key__": key, "__url__": self.url}
-        sample[image.suffix.lower().lstrip(".")] = image.read_bytes()
-        for ext in ("txt", "json", "cls"):
-            side = image.with_suffix("." + ext)
-            if side.is_file():
-                sample[ext] = side.read_bytes()
+        sample: dict[str, Any] = {"__key__": key, "__url__": self.url, "__file__": str(image)}
+        sample[extension(image)] = image.read_bytes()
+        for ext, side in self.sides.get(image.with_suffix(""), {}).items():
+            sample[ext] = side.read_bytes()
         return sample
 
 

@@ -6,7 +6,7 @@ import io
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,8 +143,10 @@ def synthesize(
         print(f"Reusing the shapes world in {out} ({count} samples)")
         return manifest
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename at the end: a half-written folder never looks complete.
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # Write beside the target and rename at the end: a half-written folder never looks complete. A random name,
+    # as processes of one job may write the same dataset at once; mkdir, not mkdtemp (0700), keeps the umask.
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex}")
+    partial.mkdir()
     try:
         manifest = _write(partial, params, progress)
         if out.is_dir():
