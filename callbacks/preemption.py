@@ -9,10 +9,9 @@ from that checkpoint: the data position is the step count, so it continues with 
 
 What has to fit in the 90 s: up to ``CHECK_EVERY`` micro-batches until the ranks agree, then the save, which is
 serialising and writing the checkpoint, each file hashed as its bytes go out (no pass that reads it back,
-``callbacks/checkpoints.py``). The save grows with the bytes the busiest rank writes: on the 2-core CPU
-machine, the demo's 15 MB checkpoint saves in 30-80 ms, and writing plus hashing takes about 1 s per GiB, so
-PixArt-XL/2's ~10 GB (fp32 weights, EMA and AdamW moments) takes ~10 s from DDP's rank 0 and ~10 GB / N per
-rank with N sharded FSDP ranks.
+``callbacks/checkpoints.py``). The save grows with the bytes the busiest rank writes: at roughly 1 s per GiB
+written and hashed (a one-off estimate on the CPU machine), PixArt-XL/2's ~10 GB (fp32 weights, EMA and AdamW
+moments) takes ~10 s from DDP's rank 0 and ~10 GB / N per rank with N sharded FSDP ranks.
 """
 
 from __future__ import annotations

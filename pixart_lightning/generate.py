@@ -16,14 +16,6 @@ from .text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
 from .vae import VAE, LazyVAE, PixelSpace
 
 Encoder = T5TextEncoder | LazyTextEncoder | PromptFeatures
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The compute dtype of a Lightning precision: bf16 for ``bf16-mixed``, fp16 for ``16-mixed``, None for fp32."""
-    return AUTOCAST_DTYPES.get(str(precision).split("-")[0])
-
-
 @contextmanager
 def tf32_on_cuda(device: torch.device) -> Iterator[None]:
     """TF32 for the fp32 matmuls and convolutions on CUDA while generating; the previous settings after."""
@@ -110,8 +102,8 @@ def generate(
 
     ``precision`` (a Lightning precision, e.g. the trainer's) is the one training runs under, so that an EMA model
     generates alike whether it is sharded (FSDP computes in bf16 under ``bf16-mixed``) or not: the backbone under
-    bf16 or fp16 autocast for the mixed precisions, the VAE decoder under bf16 autocast for ``bf16-mixed`` (fp32
-    otherwise), and fp32 matmuls as TF32 on CUDA. ``decode_batch`` bounds the images decoded at once (0: all).
+    bf16 autocast and the VAE decoder under bf16 autocast for ``bf16-mixed`` (fp32 otherwise: fp16 is refused, see
+    ``config.FP16_REFUSED``), and fp32 matmuls as TF32 on CUDA. ``decode_batch`` bounds the images decoded at once (0: all).
     """
     factor = vae.downsample_factor
     if height % (factor * model.cfg.patch_size) or width % (factor * model.cfg.patch_size):
@@ -122,7 +114,7 @@ def generate(
     batch = kwargs["y"].shape[0]
     shape = (batch, model.cfg.in_channels, height // factor, width // factor)
     generator = torch.Generator().manual_seed(seed)
-    dtype = autocast_dtype(precision)
+    dtype = torch.bfloat16 if str(precision) == "bf16-mixed" else None
     with tf32_on_cuda(device):
         latents = sample(under_autocast(model.eval(), dtype, device), shape, kwargs, sampler=sampler, steps=steps,
                          cfg_scale=cfg_scale, generator=generator, device=device, progress=progress,

@@ -333,6 +333,7 @@ def run_unit(
     parent_model = load_weights(parent_weights) if parent_weights else None
     stage_cls = STAGE_MODULES[unit.stage]
     model = stage_cls.initial_model(cfg, parent_model, encoder.dim if encoder else None)
+    batches = cfg.batch_plan()
     granularity = model.cfg.patch_size * vae.downsample_factor
     prepare_data(cfg, granularity)
     check_features(cfg, text_path, model.cfg.patch_size)
@@ -347,7 +348,7 @@ def run_unit(
         "text_encoder": text_path, "text_max_length": cfg.text_encoder.max_length,
         "text_dtype": cfg.text_encoder.dtype, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
         "resolution": cfg.data.resolution, "max_steps": cfg.train.max_steps,
-        "batch": dataclasses.asdict(cfg.batch_plan()) | {"global": cfg.batch_plan().global_batch},
+        "batch": dataclasses.asdict(batches) | {"global": batches.global_batch},
         "wall_time_s": previous.get("wall_time_s", 0.0),
     }
     write_json(unit.dir / MANIFEST, manifest)
@@ -358,12 +359,11 @@ def run_unit(
                           f"of processes, or delete {checkpoints.folder} to restart {unit.label}")
     trainer = make_trainer(cfg, unit.dir, checkpoints, callbacks)
     if trainer.is_global_zero:
-        batches = cfg.batch_plan()
         print(f"{unit.label}: {f'resuming from {resume}' if resume else 'training'} -> {unit.dir}\n"
               f"  global batch {batches.global_batch} = micro-batch {batches.micro} x {batches.accumulation} "
               f"accumulation step(s) x {batches.world_size} process(es)", flush=True)
     try:
-        micro_batches = dataclasses.replace(cfg.data, batch_size=cfg.batch_plan().micro)
+        micro_batches = dataclasses.replace(cfg.data, batch_size=batches.micro)
         datamodule = ShardDataModule(micro_batches, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(resume) if resume else None)

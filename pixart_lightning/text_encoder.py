@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
+from pixart_lightning.files import atomic_write
 from pixart_lightning.hub import load_pretrained, pipeline_subfolder
 from pixart_lightning.lazy import Lazy
 from pixart_lightning.models.pixart import sincos_1d
@@ -184,10 +185,8 @@ class PromptFeatures:
                    for i, (p, n) in enumerate(zip(prompts, mask.sum(dim=1).tolist()))}
         name = hashlib.sha256("".join(tensors).encode()).hexdigest()[:16]
         path = self.folder / f"part-{name}.safetensors"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        with atomic_write(path) as out:  # readers on other ranks see a whole part or none
+            out.write(save(tensors))
         self._files.update(dict.fromkeys(tensors, path))
 
     def encode(self, captions: Sequence[str], trim: bool = False) -> tuple[Tensor, Tensor]:
