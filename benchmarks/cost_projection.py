@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixart_lightning.flops import PEAK_TFLOPS, train_flops_per_image  # noqa: E402
 from pixart_lightning.models import PixArtConfig  # noqa: E402
+from pixart_lightning.training.flops import PEAK_TFLOPS, train_flops_per_image  # noqa: E402
 
 # (stage, resolution, steps, global batch, the paper's A100-days = its V100-days / 2.2)
 SCHEDULE = [

@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixart_lightning.config import DataSection  # noqa: E402
-from pixart_lightning.data import world  # noqa: E402
 from pixart_lightning.data.features import FEATURES_KEY, encode_features  # noqa: E402
 from pixart_lightning.data.shards import ShardStream  # noqa: E402
-from pixart_lightning.tiny_models import word_level_t5_tokenizer  # noqa: E402
+from pixart_lightning.shapes import world  # noqa: E402
+from pixart_lightning.shapes.tiny_models import word_level_t5_tokenizer  # noqa: E402
 
 OFFICIAL_TOKENS, XXL_DIM = 120, 4096
 # Images per second per GPU that the loader must sustain for PixArt-XL/2 at 256 px.

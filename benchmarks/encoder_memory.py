@@ -27,7 +27,7 @@ def main() -> None:
     sys.path.insert(0, str(args.tree.resolve() / "tests"))
     from encoder_use import run_on_features  # the tree's own driver; it puts the tree's package first on the path
 
-    from pixart_lightning.tiny_models import build_tiny_t5
+    from pixart_lightning.shapes.tiny_models import build_tiny_t5
 
     work = Path(tempfile.mkdtemp(prefix="encoder-memory-"))
     t5 = build_tiny_t5(work / "t5-big", d_model=1024, num_layers=8, num_heads=16, d_ff=4096) if args.big_t5 else None

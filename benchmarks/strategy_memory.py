@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixart_lightning.config import TrainSection  # noqa: E402
 from pixart_lightning.diffusion import create_diffusion  # noqa: E402
-from pixart_lightning.ema import EMA  # noqa: E402
 from pixart_lightning.models import PixArt, PixArtConfig  # noqa: E402
-from pixart_lightning.parallel import clip_grad_norm, shard  # noqa: E402
+from pixart_lightning.training.ema import EMA  # noqa: E402
+from pixart_lightning.training.parallel import clip_grad_norm, shard  # noqa: E402
 
 
 def run_variant(args, device: torch.device, fsdp: bool, checkpointing: bool, batch: int) -> tuple[float, float]:

@@ -44,10 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.checkpoints import Checkpoints  # noqa: E402
-from pixart_lightning import flops  # noqa: E402
-from pixart_lightning.compilation import compile_blocks  # noqa: E402
 from pixart_lightning.config import StageConfig, load_stage  # noqa: E402
 from pixart_lightning.data.buckets import bucket_table, nearest_bucket  # noqa: E402
+from pixart_lightning.encoders.vae import VAE, PixelSpace  # noqa: E402
 from pixart_lightning.gpu_check.memory import (  # noqa: E402
     is_out_of_memory,
     peak_gib,
@@ -55,9 +54,10 @@ from pixart_lightning.gpu_check.memory import (  # noqa: E402
     start_peak_window,
 )
 from pixart_lightning.interop.formats import to_diffusers_model  # noqa: E402
-from pixart_lightning.runner import make_trainer  # noqa: E402
-from pixart_lightning.tiny_models import build_tiny_vae  # noqa: E402
-from pixart_lightning.vae import VAE, PixelSpace  # noqa: E402
+from pixart_lightning.runner.chain import make_trainer  # noqa: E402
+from pixart_lightning.shapes.tiny_models import build_tiny_vae  # noqa: E402
+from pixart_lightning.training import flops  # noqa: E402
+from pixart_lightning.training.compilation import compile_blocks  # noqa: E402
 from stages import STAGE_MODULES  # noqa: E402
 from stages.base import DiffusionStage  # noqa: E402
 

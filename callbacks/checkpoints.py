@@ -19,9 +19,8 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from callbacks.steps import step_ended
 from pixart_lightning.files import FileRecord, sha256, write_json_atomic, written_record
-
-from .steps import step_ended
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"

@@ -8,8 +8,9 @@ from typing import Any
 
 import lightning as L
 
+from callbacks.steps import step_ended
 from pixart_lightning.config import FIDSection
-from pixart_lightning.fid import (
+from pixart_lightning.evaluation.fid import (
     Caption,
     FeatureExtractor,
     append_record,
@@ -18,8 +19,6 @@ from pixart_lightning.fid import (
     load_extractor,
     pinned_captions,
 )
-
-from .steps import step_ended
 
 RECORDS, CAPTION_IDS = "fid.json", "fid-captions.json"
 

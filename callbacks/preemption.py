@@ -23,8 +23,8 @@ import subprocess
 import lightning as L
 import torch
 
-from .checkpoints import Checkpoints
-from .steps import step_ended
+from callbacks.checkpoints import Checkpoints
+from callbacks.steps import step_ended
 
 CHECK_EVERY = 10
 """Micro-batches between the ranks' agreement on the flag, rounded to whole steps: 10 steps without gradient

@@ -10,11 +10,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
+from callbacks.steps import step_ended
 from pixart_lightning.config import SamplesSection
-from pixart_lightning.generate import save_grid
-from pixart_lightning.parallel import is_sharded
-
-from .steps import step_ended
+from pixart_lightning.evaluation.generate import save_grid
+from pixart_lightning.training.parallel import is_sharded
 
 
 class SampleGrid(L.Callback):

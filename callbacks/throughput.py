@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from pixart_lightning import flops
+from pixart_lightning.training import flops
 
 FlopsFn = Callable[[L.LightningModule, dict[str, Any]], float]
 """(module, batch) -> model FLOPs of one training step per image of that batch."""
@@ -49,10 +49,10 @@ class Throughput(L.Callback):
     - ``train/images_per_s_per_device``, ``train/images_per_s`` (x world size);
     - ``train/tokens_per_s_per_device``, ``train/tokens_per_s``: image tokens (latent patches);
     - ``train/tflops_per_device``: model FLOPs per second, from ``flops_per_image`` (a number, or a
-      function of module and batch; default: :func:`pixart_lightning.flops.train_flops_per_image` of
+      function of module and batch; default: :func:`pixart_lightning.training.flops.train_flops_per_image` of
       the module's ``model.cfg`` at the batch's size, 3x forward);
     - ``train/mfu``: that over the device's peak (``peak_tflops``, else looked up in
-      :data:`pixart_lightning.flops.PEAK_TFLOPS`); not logged when neither knows the device (CPU);
+      :data:`pixart_lightning.training.flops.PEAK_TFLOPS`); not logged when neither knows the device (CPU);
     - ``train/data_wait_fraction``: the share of the window between one batch's end and the next
       one's start, i.e. the dataloader fetch — plus whatever hooks run after this callback's
       batch-end (checkpoint saves), which a window that contains one reads as waiting.

@@ -16,17 +16,17 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from pixart_lightning import parallel
-from pixart_lightning.compilation import compile_blocks
 from pixart_lightning.config import StageConfig
-from pixart_lightning.data import world
 from pixart_lightning.data.shards import FILTER_REASONS
 from pixart_lightning.diffusion import create_diffusion
-from pixart_lightning.ema import EMA
-from pixart_lightning.generate import generate
+from pixart_lightning.encoders.text import LazyTextEncoder, PromptFeatures, T5TextEncoder
+from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.evaluation.generate import generate
 from pixart_lightning.models import PixArt
-from pixart_lightning.text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
-from pixart_lightning.vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.shapes import world
+from pixart_lightning.training import parallel
+from pixart_lightning.training.compilation import compile_blocks
+from pixart_lightning.training.ema import EMA
 
 log = logging.getLogger(__name__)
 

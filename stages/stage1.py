@@ -10,8 +10,7 @@ from pixart_lightning.config import StageConfig
 from pixart_lightning.interop import load_model
 from pixart_lightning.interop.state_dicts import IncompatibleCheckpointError
 from pixart_lightning.models import PixArt
-
-from .base import DiffusionStage
+from stages.base import DiffusionStage
 
 
 class PixelDependency(DiffusionStage):

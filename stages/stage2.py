@@ -9,8 +9,7 @@ from torch import Tensor
 from pixart_lightning.config import StageConfig
 from pixart_lightning.models import PixArt, class_to_text
 from pixart_lightning.models.pixart import trim_caption_padding
-
-from .base import DiffusionStage
+from stages.base import DiffusionStage
 
 
 class TextAlignment(DiffusionStage):

@@ -8,8 +8,7 @@ from torch import Tensor
 
 from pixart_lightning.config import StageConfig
 from pixart_lightning.models import PixArt, to_resolution
-
-from .stage2 import TextAlignment
+from stages.stage2 import TextAlignment
 
 
 class HighAesthetics(TextAlignment):

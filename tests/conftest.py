@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixart_lightning.data.synth import synthesize
 from pixart_lightning.models import PixArt, PixArtConfig
+from pixart_lightning.shapes.synth import synthesize
 
 
 def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Run the runner (``pixart_lightning.runner.run``) and record, per process, which frozen encoders it built.
+"""Run the runner (``pixart_lightning.runner.chain.run``) and record, per process, which frozen encoders it built.
 
 Used by tests/test_encoder_placement.py and benchmarks/encoder_memory.py through :func:`run_on_features` (Lightning
 starts the second process, which runs this script again):
@@ -24,11 +24,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pixart_lightning import text_encoder, vae  # noqa: E402
 from pixart_lightning.data.extract import ExtractSettings, extract  # noqa: E402
-from pixart_lightning.data.synth import synthesize  # noqa: E402
-from pixart_lightning.runner import run  # noqa: E402
-from pixart_lightning.tiny_models import build_tiny_models  # noqa: E402
+from pixart_lightning.encoders import text as text_encoder  # noqa: E402
+from pixart_lightning.encoders import vae  # noqa: E402
+from pixart_lightning.runner.chain import run  # noqa: E402
+from pixart_lightning.shapes.synth import synthesize  # noqa: E402
+from pixart_lightning.shapes.tiny_models import build_tiny_models  # noqa: E402
 
 EVENTS: list[dict] = []
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixart_lightning.config import load_stage  # noqa: E402
-from pixart_lightning.parallel import make_strategy  # noqa: E402
-from pixart_lightning.vae import PixelSpace  # noqa: E402
+from pixart_lightning.encoders.vae import PixelSpace  # noqa: E402
+from pixart_lightning.training.parallel import make_strategy  # noqa: E402
 from stages import STAGE_MODULES  # noqa: E402
 from tests.conftest import randomize  # noqa: E402
 from tests.multiproc_train import CAPTION_DIM, DEMO, GLOBAL_BATCH, SIDE, GlobalBatches  # noqa: E402

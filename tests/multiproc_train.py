@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixart_lightning.config import load_stage  # noqa: E402
+from pixart_lightning.encoders.vae import PixelSpace  # noqa: E402
 from pixart_lightning.interop import save_weights  # noqa: E402
-from pixart_lightning.parallel import is_sharded, make_strategy  # noqa: E402
-from pixart_lightning.vae import PixelSpace  # noqa: E402
+from pixart_lightning.training.parallel import is_sharded, make_strategy  # noqa: E402
 from stages import STAGE_MODULES  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

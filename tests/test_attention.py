@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from pixart_lightning.attention_check import check_attention_backends
 from pixart_lightning.config import ConfigError, load_stage
 from pixart_lightning.models import pixart
+from pixart_lightning.models.attention_check import check_attention_backends
 from pixart_lightning.models.pixart import (
     ATTENTION_BACKENDS,
     CAPTION_LENGTH_MULTIPLE,

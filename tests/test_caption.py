@@ -24,7 +24,7 @@ from pixart_lightning.data.caption import (
 )
 from pixart_lightning.data.shards import DataError, tar_shards
 from pixart_lightning.hub import ModelNotAvailableError
-from pixart_lightning.tiny_models import build_tiny_llava
+from pixart_lightning.shapes.tiny_models import build_tiny_llava
 
 SHARDS = ("shard-000000.tar", "shard-000001.tar")
 

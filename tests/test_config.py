@@ -8,7 +8,7 @@ import pytest
 
 from pixart_lightning.cli import main
 from pixart_lightning.config import ConfigError, load_stage
-from pixart_lightning.runner import plan
+from pixart_lightning.runner.chain import plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

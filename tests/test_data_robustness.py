@@ -23,7 +23,7 @@ from pixart_lightning.data.features import decode_features, encode_features
 from pixart_lightning.data.ingest import ingest
 from pixart_lightning.data.samples import caption_text, fit_to_bucket, open_image, original_size, sample_meta
 from pixart_lightning.data.shards import DataError, ShardStream, resolve_sources
-from pixart_lightning.tiny_models import build_tiny_llava
+from pixart_lightning.shapes.tiny_models import build_tiny_llava
 from tests.test_ingest_extract import all_samples, jpeg, write_tar
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from pixart_lightning import ema as ema_module
 from pixart_lightning.config import load_stage
-from pixart_lightning.ema import EMA
+from pixart_lightning.training import ema as ema_module
+from pixart_lightning.training.ema import EMA
 
 
 def _moved(model: nn.Module) -> None:

@@ -8,16 +8,16 @@ import torch
 from transformers import AutoTokenizer
 
 from pixart_lightning import hub
+from pixart_lightning.encoders.text import LazyTextEncoder, PromptFeatures, T5TextEncoder
+from pixart_lightning.encoders.vae import VAE, LazyVAE
 from pixart_lightning.hub import ModelNotAvailableError
-from pixart_lightning.text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
-from pixart_lightning.tiny_models import (
+from pixart_lightning.shapes.tiny_models import (
     build_tiny_models,
     build_tiny_t5,
     build_tiny_vae,
     shapes_corpus,
     word_level_t5_tokenizer,
 )
-from pixart_lightning.vae import VAE, LazyVAE
 
 CAPTION = "a large red circle in the upper left on a white background"
 

@@ -15,10 +15,10 @@ from PIL import Image
 from scipy import linalg
 
 from callbacks.fid import FIDCallback
-from pixart_lightning import fid
 from pixart_lightning.config import FIDSection
-from pixart_lightning.data.synth import synthesize
-from pixart_lightning.vae import PixelSpace
+from pixart_lightning.encoders.vae import PixelSpace
+from pixart_lightning.evaluation import fid
+from pixart_lightning.shapes.synth import synthesize
 
 
 def closed_form(mu1, s1, mu2, s2) -> float:

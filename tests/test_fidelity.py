@@ -16,7 +16,7 @@ from callbacks.checkpoints import Checkpoints
 from pixart_lightning.config import ConfigError, load_stage, phase_configs
 from pixart_lightning.interop.formats import to_official
 from pixart_lightning.models import PixArt
-from pixart_lightning.runner import make_trainer
+from pixart_lightning.runner.chain import make_trainer
 from stages import STAGE_MODULES
 from tests.conftest import randomize
 
@@ -185,7 +185,7 @@ def test_ranks_agree_on_preemption_at_least_every_step_under_accumulation() -> N
 def test_paper_learning_rate_with_the_official_scaling_as_one_override(scale_lr: bool, lr: float) -> None:
     """configs/pixart-xl2 follows the paper's plain 2e-5; optim.scale_lr=true gives the official configs'
     sqrt(global batch / 256), taken over the global batch (x6.7 at stage 2), not the per-device micro-batch."""
-    from pixart_lightning.vae import PixelSpace
+    from pixart_lightning.encoders.vae import PixelSpace
 
     cfg = load_stage(CONFIGS / "pixart-xl2", 2, [*DEBUG, f"optim.scale_lr={scale_lr}"])
     module = STAGE_MODULES[2](cfg, PixArt(cfg.pixart_config(caption_channels=8)), PixelSpace(), None)

@@ -9,12 +9,12 @@ from test_fid import StubEncoder
 
 from pixart_lightning.cli import main
 from pixart_lightning.diffusion import sample
-from pixart_lightning.generate import generate
+from pixart_lightning.encoders.vae import VAE, PixelSpace
+from pixart_lightning.evaluation.generate import generate
 from pixart_lightning.interop import save_weights
 from pixart_lightning.interop.pipeline import export_pipeline
 from pixart_lightning.models import class_to_text
-from pixart_lightning.tiny_models import build_tiny_models
-from pixart_lightning.vae import VAE, PixelSpace
+from pixart_lightning.shapes.tiny_models import build_tiny_models
 
 
 @pytest.fixture(scope="module")

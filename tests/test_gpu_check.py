@@ -15,7 +15,6 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from pixart_lightning.compilation import compile_unavailable
 from pixart_lightning.gpu_check import PROJECT, benchmark
 from pixart_lightning.gpu_check.harness import (
     CUT_SHORT,
@@ -31,6 +30,7 @@ from pixart_lightning.gpu_check.harness import (
 )
 from pixart_lightning.gpu_check.memory import is_out_of_memory, largest_batch
 from pixart_lightning.gpu_check.wheels import download_command, missing_packages, project_requirements, wheel_pin
+from pixart_lightning.training.compilation import compile_unavailable
 
 CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "syncs", "sampling", "attention", "chain"]
 

@@ -17,10 +17,10 @@ from pixart_lightning.cli import main
 from pixart_lightning.data.extract import ExtractSettings, extract
 from pixart_lightning.data.features import FEATURES_KEY, decode_features
 from pixart_lightning.data.ingest import ingest
-from pixart_lightning.data.synth import synthesize
-from pixart_lightning.runner import run
-from pixart_lightning.text_encoder import T5TextEncoder
-from pixart_lightning.tiny_models import build_tiny_models
+from pixart_lightning.encoders.text import T5TextEncoder
+from pixart_lightning.runner.chain import run
+from pixart_lightning.shapes.synth import synthesize
+from pixart_lightning.shapes.tiny_models import build_tiny_models
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 

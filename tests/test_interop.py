@@ -15,7 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pixart_lightning.cli import main
-from pixart_lightning.generate import generate
+from pixart_lightning.encoders.text import T5TextEncoder
+from pixart_lightning.encoders.vae import VAE
+from pixart_lightning.evaluation.generate import generate
 from pixart_lightning.interop import (
     IncompatibleCheckpointError,
     export_diffusers,
@@ -30,9 +32,7 @@ from pixart_lightning.interop import (
 )
 from pixart_lightning.interop.diffusers_keys import pixart_rules, to_theirs
 from pixart_lightning.models import PixArt, PixArtConfig
-from pixart_lightning.text_encoder import T5TextEncoder
-from pixart_lightning.tiny_models import build_tiny_t5, build_tiny_vae
-from pixart_lightning.vae import VAE
+from pixart_lightning.shapes.tiny_models import build_tiny_t5, build_tiny_vae
 
 # diffusers' PixArt-α converter (scripts/convert_pixart_alpha_to_diffusers.py), transcribed as data
 # for one block: official name -> diffusers names; several names = equal row blocks, in order.

@@ -17,8 +17,8 @@ from pixart_lightning.cli import main
 from pixart_lightning.config import ConfigError, DataSection, load_stage, phase_configs
 from pixart_lightning.data.samples import read_caption
 from pixart_lightning.data.shards import FILTER_REASONS, ShardStream
-from pixart_lightning.data.synth import synthesize
-from pixart_lightning.runner import plan, prepare_data, run
+from pixart_lightning.runner.chain import plan, prepare_data, run
+from pixart_lightning.shapes.synth import synthesize
 from tests.test_stages import small
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -193,7 +193,7 @@ def test_absent_empty_and_non_utf8_captions_are_told_apart(tmp_path: Path) -> No
 def test_extract_tells_absent_captions_from_bad_ones(tmp_path: Path) -> None:
     """`data extract` counts captions as the loader does (it said "empty or non-UTF-8 txt" for an absent one)."""
     from pixart_lightning.data.extract import ExtractSettings, extract
-    from pixart_lightning.tiny_models import build_tiny_t5
+    from pixart_lightning.shapes.tiny_models import build_tiny_t5
 
     source = tmp_path / "shards"
     source.mkdir()

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from pixart_lightning.data.synth import synthesize
+from pixart_lightning.shapes.synth import synthesize
 
 
 def test_synth_output_follows_the_umask(tmp_path: Path) -> None:

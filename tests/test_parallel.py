@@ -87,7 +87,7 @@ def test_resuming_with_another_world_size_is_refused(train) -> None:
 
 def test_gradient_clipping_by_global_norm() -> None:
     """Clipping uses the norm over all parameters (under FSDP the same code reduces the shards' partial norms)."""
-    from pixart_lightning.parallel import clip_grad_norm
+    from pixart_lightning.training.parallel import clip_grad_norm
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
@@ -120,7 +120,7 @@ def test_fsdp_computes_like_ddp_under_bf16_mixed(tmp_path: Path) -> None:
 
 def _load_from_own_path(rank: int, folder: Path, port: int) -> None:
     """One of two gloo processes: ``DataParallelStrategy.load_checkpoint`` asked for this rank's own file."""
-    from pixart_lightning.parallel import DataParallelStrategy
+    from pixart_lightning.training.parallel import DataParallelStrategy
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     loaded = DataParallelStrategy().load_checkpoint(folder / f"rank{rank}.ckpt")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pixart_lightning.cli import main
-from pixart_lightning.runner import run
+from pixart_lightning.runner.chain import run
 from tests.test_data_robustness import encoded
 from tests.test_ingest_extract import DEMO, Recorder, all_samples, samples
 from tests.test_ingest_extract import tiny as tiny  # noqa: F401 - the tiny T5, VAE and LLaVA fixture

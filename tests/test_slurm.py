@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from test_stages import small
 
-from pixart_lightning import slurm
 from pixart_lightning.cli import main
-from pixart_lightning.runner import RunnerError
-from pixart_lightning.slurm import SlurmOptions, sbatch_script, submit
+from pixart_lightning.runner import slurm
+from pixart_lightning.runner.chain import RunnerError
+from pixart_lightning.runner.slurm import SlurmOptions, sbatch_script, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"

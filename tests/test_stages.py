@@ -13,7 +13,7 @@ import torch
 from pixart_lightning.config import load_stage
 from pixart_lightning.interop import load_weights
 from pixart_lightning.models import PixArt
-from pixart_lightning.runner import RunnerError, load_text_encoder, load_vae, plan, run
+from pixart_lightning.runner.chain import RunnerError, load_text_encoder, load_vae, plan, run
 from stages import STAGE_MODULES
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

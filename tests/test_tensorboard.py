@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from callbacks.throughput import Throughput
-from pixart_lightning.runner import run
+from pixart_lightning.runner.chain import run
 from tests.test_stages import DEMO, small
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import callbacks.throughput as throughput
 from callbacks.throughput import Throughput, batch_geometry
-from pixart_lightning.flops import forward_flops, peak_tflops, train_flops_per_image
+from pixart_lightning.encoders.vae import PixelSpace
 from pixart_lightning.models import PixArt, PixArtConfig
-from pixart_lightning.vae import PixelSpace
+from pixart_lightning.training.flops import forward_flops, peak_tflops, train_flops_per_image
 
 XL2 = PixArtConfig.from_name("PixArt-XL/2")
 

@@ -9,10 +9,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pixart_lightning.data import world
-from pixart_lightning.data.synth import MANIFEST, synthesize
-from pixart_lightning.data.world import COLORS, NUM_CLASSES, Scene, Shape
-from pixart_lightning.tiny_models import shapes_corpus, word_level_t5_tokenizer
+from pixart_lightning.shapes import world
+from pixart_lightning.shapes.synth import MANIFEST, synthesize
+from pixart_lightning.shapes.tiny_models import shapes_corpus, word_level_t5_tokenizer
+from pixart_lightning.shapes.world import COLORS, NUM_CLASSES, Scene, Shape
 
 PARAMS = dict(
     count=60,

@@ -39,13 +39,13 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, BatchFeature, GenerationConfig, LlavaForConditionalGeneration
 from webdataset import TarWriter
 
-from ..files import write_json_atomic
-from ..hub import load_pretrained
-from .counts import Counts, add_up, finished_stats, shard_finished, stats_path, write_shard_stats
-from .samples import caption_text, image_member, open_image
-from .shards import MANIFEST_NAMES, DataError, batched, tar_shards
-from .sources import complete_samples
-from .workers import process_device, process_rank, share
+from pixart_lightning.data.counts import Counts, add_up, finished_stats, shard_finished, stats_path, write_shard_stats
+from pixart_lightning.data.samples import caption_text, image_member, open_image
+from pixart_lightning.data.shards import MANIFEST_NAMES, DataError, batched, tar_shards
+from pixart_lightning.data.sources import complete_samples
+from pixart_lightning.data.workers import process_device, process_rank, share
+from pixart_lightning.files import write_json_atomic
+from pixart_lightning.hub import load_pretrained
 
 log = logging.getLogger(__name__)
 

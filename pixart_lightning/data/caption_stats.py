@@ -14,12 +14,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..files import write_json_atomic
-from .counts import Counts
-from .nouns import nouns
-from .samples import caption_text
-from .shards import tar_shards
-from .sources import complete_samples
+from pixart_lightning.data.counts import Counts
+from pixart_lightning.data.nouns import nouns
+from pixart_lightning.data.samples import caption_text
+from pixart_lightning.data.shards import tar_shards
+from pixart_lightning.data.sources import complete_samples
+from pixart_lightning.files import write_json_atomic
 
 TOP_NOUNS = 20
 

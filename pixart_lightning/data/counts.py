@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import write_json_atomic
+from pixart_lightning.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

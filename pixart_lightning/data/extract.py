@@ -32,11 +32,10 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from ..config import ConfigError, DataSection, ModelSection, StageConfig, VAESection, validate
-from ..files import write_json_atomic
-from .counts import Counts, add_up, finished_stats, shard_finished, write_shard_stats
-from .features import FEATURES_KEY, encode_features
-from .samples import (
+from pixart_lightning.config import ConfigError, DataSection, ModelSection, StageConfig, VAESection, validate
+from pixart_lightning.data.counts import Counts, add_up, finished_stats, shard_finished, write_shard_stats
+from pixart_lightning.data.features import FEATURES_KEY, encode_features
+from pixart_lightning.data.samples import (
     IMAGE_EXTENSIONS,
     fit_to_bucket,
     image_member,
@@ -46,9 +45,10 @@ from .samples import (
     sample_meta,
     sample_name,
 )
-from .shards import DataError, batched, data_buckets, tar_shards
-from .sources import complete_samples
-from .workers import process_device, process_rank, share
+from pixart_lightning.data.shards import DataError, batched, data_buckets, tar_shards
+from pixart_lightning.data.sources import complete_samples
+from pixart_lightning.data.workers import process_device, process_rank, share
+from pixart_lightning.files import write_json_atomic
 
 MANIFEST, SETTINGS = "manifest.json", "extract.json"
 
@@ -79,7 +79,7 @@ class Extractor:
     """The frozen encoders and the bucket table, applied to one shard at a time."""
 
     def __init__(self, settings: ExtractSettings, device: str | torch.device, batch_size: int):
-        from pixart_lightning.runner import DTYPES, load_text_encoder, load_vae
+        from pixart_lightning.runner.chain import DTYPES, load_text_encoder, load_vae
 
         self.settings, self.device, self.batch_size = settings, torch.device(device), batch_size
         on_gpu = self.device.type == "cuda"

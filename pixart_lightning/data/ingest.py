@@ -38,9 +38,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from .buckets import bucket_table, nearest_bucket
-from .counts import Counts
-from .samples import (
+from pixart_lightning.data.buckets import bucket_table, nearest_bucket
+from pixart_lightning.data.counts import Counts
+from pixart_lightning.data.samples import (
     IMAGE_EXTENSIONS,
     PIL_EXTENSIONS,
     SIDE_EXTENSIONS,
@@ -50,8 +50,8 @@ from .samples import (
     sample_meta,
     sample_name,
 )
-from .shards import DataError, resolve_sources
-from .sources import ImageFolder, complete_samples, extension, folder_files
+from pixart_lightning.data.shards import DataError, resolve_sources
+from pixart_lightning.data.sources import ImageFolder, complete_samples, extension, folder_files
 
 MANIFEST = "manifest.json"
 CAPTION_FIELDS = ("caption", "text", "prompt")  # where img2dataset-style json keeps a caption

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..config import DataSection
-from .positions import WorkerPosition
-from .shards import ShardStream
+from pixart_lightning.config import DataSection
+from pixart_lightning.data.positions import WorkerPosition
+from pixart_lightning.data.shards import ShardStream
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .buckets import nearest_bucket
+from pixart_lightning.data.buckets import nearest_bucket
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Formats every reader takes as they are (training reads an image folder's files of these only)."""

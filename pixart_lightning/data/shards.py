@@ -36,13 +36,21 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..config import DataSection
-from .buckets import bucket_table, nearest_bucket
-from .features import FEATURES_KEY, decode_features
-from .positions import Ref, ShuffleBuffer, WorkerPosition, ref_array, ref_list
-from .samples import PIL_EXTENSIONS, fit_to_bucket, image_member, open_image, original_size, read_caption, sample_meta
-from .slots import SlotReader
-from .sources import Handler, ImageFolder, extension, folder_files, is_remote
+from pixart_lightning.config import DataSection
+from pixart_lightning.data.buckets import bucket_table, nearest_bucket
+from pixart_lightning.data.features import FEATURES_KEY, decode_features
+from pixart_lightning.data.positions import Ref, ShuffleBuffer, WorkerPosition, ref_array, ref_list
+from pixart_lightning.data.samples import (
+    PIL_EXTENSIONS,
+    fit_to_bucket,
+    image_member,
+    open_image,
+    original_size,
+    read_caption,
+    sample_meta,
+)
+from pixart_lightning.data.slots import SlotReader
+from pixart_lightning.data.sources import Handler, ImageFolder, extension, folder_files, is_remote
 
 log = logging.getLogger(__name__)
 

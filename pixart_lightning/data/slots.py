@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .positions import Cursor, Ref, ShuffleBuffer, WorkerPosition, ref_list
-from .sources import Handler, ImageFolder, Ordinals, Source, StreamedTar, TarIndex, is_remote
+from pixart_lightning.data.positions import Cursor, Ref, ShuffleBuffer, WorkerPosition, ref_list
+from pixart_lightning.data.sources import Handler, ImageFolder, Ordinals, Source, StreamedTar, TarIndex, is_remote
 
 log = logging.getLogger(__name__)
 

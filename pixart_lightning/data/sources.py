@@ -33,7 +33,7 @@ import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tarfile_samples
 
-from .samples import IMAGE_EXTENSIONS, PIL_EXTENSIONS, SIDE_EXTENSIONS
+from pixart_lightning.data.samples import IMAGE_EXTENSIONS, PIL_EXTENSIONS, SIDE_EXTENSIONS
 
 Handler = Callable[[Exception], bool]
 OnIgnored = Callable[[str, str], None]

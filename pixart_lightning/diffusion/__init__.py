@@ -1,8 +1,13 @@
 """Gaussian diffusion (IDDPM recipe as used by PixArt-α): schedules, losses and samplers."""
 
-from .gaussian_diffusion import GaussianDiffusion, create_diffusion
-from .losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .sampling import sample
+from pixart_lightning.diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
+from pixart_lightning.diffusion.losses import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
+from pixart_lightning.diffusion.sampling import sample
 
 __all__ = [
     "GaussianDiffusion",

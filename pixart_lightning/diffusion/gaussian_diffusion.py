@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from pixart_lightning.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 # fn(x_t, t_model) -> raw model output; t_model holds the ORIGINAL integer timesteps.
 ModelOutputFn = Callable[[Tensor, Tensor], Tensor]

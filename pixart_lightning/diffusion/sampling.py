@@ -10,7 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .gaussian_diffusion import ModelOutputFn, Prediction, create_diffusion, randn
+from pixart_lightning.diffusion.gaussian_diffusion import ModelOutputFn, Prediction, create_diffusion, randn
 
 SAMPLERS = ("dpm++", "ancestral")
 _DEFAULT_STEPS = {"dpm++": 20, "ancestral": 100}

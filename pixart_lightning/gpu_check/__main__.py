@@ -12,19 +12,26 @@ from pathlib import Path
 
 import torch
 
-from .environment import check_environment, environment
-from .harness import CUT_SHORT, OK, Check, Context, run_all, write_reports
-from .sizes import CPU, GPU
+from pixart_lightning.gpu_check.environment import check_environment, environment
+from pixart_lightning.gpu_check.harness import CUT_SHORT, OK, Check, Context, run_all, write_reports
+from pixart_lightning.gpu_check.sizes import CPU, GPU
 
 
 def all_checks() -> list[Check]:
     """The checks in order of value, with their GPU budgets (420 s in all). Imported here: a missing package (the
     wheels not installed) is then one line of advice, not a traceback."""
-    from .fsdp import check_fsdp
-    from .sampling import check_sampling
-    from .steps import check_step_syncs
-    from .system import check_attention, check_chain
-    from .training import GOAL_MFU_256, GOAL_MFU_512, GOAL_SPEEDUP_256, check_numerics, check_train_256, check_train_512
+    from pixart_lightning.gpu_check.fsdp import check_fsdp
+    from pixart_lightning.gpu_check.sampling import check_sampling
+    from pixart_lightning.gpu_check.steps import check_step_syncs
+    from pixart_lightning.gpu_check.system import check_attention, check_chain
+    from pixart_lightning.gpu_check.training import (
+        GOAL_MFU_256,
+        GOAL_MFU_512,
+        GOAL_SPEEDUP_256,
+        check_numerics,
+        check_train_256,
+        check_train_512,
+    )
 
     return [
         Check("environment", "device memory and practical bf16 matmul peak", "", 10, check_environment),

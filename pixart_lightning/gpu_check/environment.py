@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from pixart_lightning import flops
-
-from .harness import Context
+from pixart_lightning.gpu_check.harness import Context
+from pixart_lightning.training import flops
 
 LIBRARIES = ("torch", "lightning", "transformers", "diffusers", "torchvision", "triton", "webdataset", "omegaconf",
              "safetensors", "numpy", "clean-fid")

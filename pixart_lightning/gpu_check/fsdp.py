@@ -13,16 +13,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pixart_lightning import runner
 from pixart_lightning.config import StageConfig, load_stage
 from pixart_lightning.data.extract import ExtractSettings, extract
-from pixart_lightning.data.synth import synthesize
-from pixart_lightning.tiny_models import build_tiny_t5, build_tiny_vae
-
-from . import PROJECT, benchmark
-from .harness import Context
-from .memory import largest_batch, peak_gib, start_peak_window
-from .training import Interrupted, StepLosses
+from pixart_lightning.gpu_check import PROJECT, benchmark
+from pixart_lightning.gpu_check.harness import Context
+from pixart_lightning.gpu_check.memory import largest_batch, peak_gib, start_peak_window
+from pixart_lightning.gpu_check.training import Interrupted, StepLosses
+from pixart_lightning.runner import chain as runner
+from pixart_lightning.shapes.synth import synthesize
+from pixart_lightning.shapes.tiny_models import build_tiny_t5, build_tiny_vae
 
 STEPS, CHECKPOINT_AT = 4, 2
 """The first run checkpoints after its second step and is interrupted once its third step (index 2) has a loss;

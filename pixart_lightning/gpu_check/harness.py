@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .memory import release_memory
-from .sizes import Sizes
+from pixart_lightning.gpu_check.memory import release_memory
+from pixart_lightning.gpu_check.sizes import Sizes
 
 OK, FAILED, TIMED_OUT, CUT_SHORT, UNAVAILABLE = "ok", "failed", "timed out", "cut short", "not available in this build"
 TRACEBACK_LINES = 25

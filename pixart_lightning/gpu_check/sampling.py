@@ -11,15 +11,14 @@ import torch
 from PIL import Image
 
 from pixart_lightning.cli import main as cli
-from pixart_lightning.generate import generate
+from pixart_lightning.encoders.text import T5TextEncoder
+from pixart_lightning.encoders.vae import VAE
+from pixart_lightning.evaluation.generate import generate
+from pixart_lightning.gpu_check.harness import Context
+from pixart_lightning.gpu_check.training import activate_zero_layers
 from pixart_lightning.interop import save_weights
 from pixart_lightning.models import PixArt, PixArtConfig
-from pixart_lightning.text_encoder import T5TextEncoder
-from pixart_lightning.tiny_models import build_tiny_t5, build_tiny_vae
-from pixart_lightning.vae import VAE
-
-from .harness import Context
-from .training import activate_zero_layers
+from pixart_lightning.shapes.tiny_models import build_tiny_t5, build_tiny_vae
 
 PROMPTS = ("a large red circle in the center on a white background",
            "a small blue square in the upper left on a yellow background",

@@ -13,8 +13,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from . import benchmark
-from .harness import Context
+from pixart_lightning.gpu_check import benchmark
+from pixart_lightning.gpu_check.harness import Context
 
 QUIET = 10**6  # a logging interval no run reaches: only the last step reads the device (its non-finite check)
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pixart_lightning import runner
 from pixart_lightning.files import sha256
-
-from . import PROJECT
-from .harness import Context, Unavailable
+from pixart_lightning.gpu_check import PROJECT
+from pixart_lightning.gpu_check.harness import Context, Unavailable
+from pixart_lightning.runner import chain as runner
 
 
 def check_attention(ctx: Context) -> None:
     """Self-attention and masked caption cross-attention in bf16, forward and backward, each backend vs math."""
     try:
-        from pixart_lightning.attention_check import check_attention_backends
+        from pixart_lightning.models.attention_check import check_attention_backends
     except ImportError as err:
-        raise Unavailable(f"pixart_lightning.attention_check.check_attention_backends: {err}") from None
+        raise Unavailable(f"pixart_lightning.models.attention_check.check_attention_backends: {err}") from None
     s = ctx.sizes
     rows = ctx.record("rows", check_attention_backends(
         s.attention_captions, s.attention_tokens, heads=s.attention_heads, head_dim=s.attention_head_dim,

@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from . import benchmark
-from .harness import Context
+from pixart_lightning.gpu_check import benchmark
+from pixart_lightning.gpu_check.harness import Context
 
 GOAL_MFU_256, GOAL_SPEEDUP_256, GOAL_MFU_512 = 0.40, 1.3, 0.45
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from . import PROJECT
+from pixart_lightning.gpu_check import PROJECT
 
 WHEEL_LIMIT_MIB = 40
 """The folder travels with the working tree to the GPU machine (64 MiB in all): keep it well below that."""

@@ -1,6 +1,6 @@
 """Checkpoint interop: official PixArt-α and DiT files, diffusers folders, our own format."""
 
-from .formats import (
+from pixart_lightning.interop.formats import (
     export_diffusers,
     load_diffusers,
     load_model,
@@ -10,7 +10,7 @@ from .formats import (
     save_weights,
     to_official,
 )
-from .state_dicts import IncompatibleCheckpointError, infer_config, read_state_dict
+from pixart_lightning.interop.state_dicts import IncompatibleCheckpointError, infer_config, read_state_dict
 
 __all__ = [
     "IncompatibleCheckpointError",

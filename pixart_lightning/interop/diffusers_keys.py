@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .state_dicts import IncompatibleCheckpointError
+from pixart_lightning.interop.state_dicts import IncompatibleCheckpointError
 
 
 class Rule(NamedTuple):

@@ -11,10 +11,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..models.config import PixArtConfig, official_interpolation_scale
-from ..models.pixart import PixArt
-from .diffusers_keys import dit_rules, pixart_rules, to_ours, to_theirs
-from .state_dicts import IncompatibleCheckpointError, check_compatible, infer_config, read_state_dict
+from pixart_lightning.interop.diffusers_keys import dit_rules, pixart_rules, to_ours, to_theirs
+from pixart_lightning.interop.state_dicts import (
+    IncompatibleCheckpointError,
+    check_compatible,
+    infer_config,
+    read_state_dict,
+)
+from pixart_lightning.models.config import PixArtConfig, official_interpolation_scale
+from pixart_lightning.models.pixart import PixArt
 
 NULL_CAPTION_FILE = "null_caption.safetensors"
 _NATIVE_TAG = "pixart-lightning"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..models.pixart import PixArt
-from ..text_encoder import T5TextEncoder
-from ..vae import VAE
-from .formats import PREDICTION_TYPES, check_prediction, save_null_caption, to_diffusers_model
+from pixart_lightning.encoders.text import T5TextEncoder
+from pixart_lightning.encoders.vae import VAE
+from pixart_lightning.interop.formats import PREDICTION_TYPES, check_prediction, save_null_caption, to_diffusers_model
+from pixart_lightning.models.pixart import PixArt
 
 
 def export_pipeline(

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..models.config import MODEL_SIZES, PixArtConfig
-from ..models.pixart import PixArt, sincos_2d
+from pixart_lightning.models.config import MODEL_SIZES, PixArtConfig
+from pixart_lightning.models.pixart import PixArt, sincos_2d
 
 # Wrappers used by training scripts around the weights, in order of preference.
 _CONTAINER_KEYS = ("state_dict", "ema", "model", "module")

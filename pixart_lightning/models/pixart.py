@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from .config import PixArtConfig
+from pixart_lightning.models.config import PixArtConfig
 
 #################################################################################
 #                               Embedding layers                                #

@@ -18,8 +18,8 @@ from typing import Literal
 
 import torch
 
-from .config import PixArtConfig
-from .pixart import PixArt
+from pixart_lightning.models.config import PixArtConfig
+from pixart_lightning.models.pixart import PixArt
 
 TBlockInit = Literal["mean", "random"]
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pixart_lightning.data.features import FEATURES_KEY, encode_features
-from pixart_lightning.runner import run
+from pixart_lightning.runner.chain import run
 from stages.base import TrainingStopped
 from tests.test_ingest_extract import write_tar
 

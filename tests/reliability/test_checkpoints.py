@@ -21,9 +21,10 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from safetensors.torch import load_file
 
 from callbacks.checkpoints import DamagedCheckpoints, latest_good, read_index
-from pixart_lightning import files, runner
+from pixart_lightning import files
 from pixart_lightning.files import sha256
-from pixart_lightning.runner import plan, run
+from pixart_lightning.runner import chain as runner
+from pixart_lightning.runner.chain import plan, run
 from tests.test_stages import DEMO, Recorder, small
 
 ROOT = Path(__file__).resolve().parents[2]

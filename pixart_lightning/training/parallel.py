@@ -36,8 +36,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.tensor import DTensor
 
-from .config import TrainSection
-from .files import FileRecord, HashingWriter, note_written
+from pixart_lightning.config import TrainSection
+from pixart_lightning.files import FileRecord, HashingWriter, note_written
 
 T = TypeVar("T")
 

@@ -45,14 +45,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from webdataset.tariterators import tarfile_samples
 
-from .config import FIDSection
-from .data.samples import IMAGE_EXTENSIONS, caption_text, image_member, open_image, sample_meta
-from .data.shards import folder_samples, resolve_sources
-from .files import sha256, write_json_atomic
-from .generate import Encoder, generate
-from .models import PixArt
-from .parallel import is_sharded
-from .vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.config import FIDSection
+from pixart_lightning.data.samples import IMAGE_EXTENSIONS, caption_text, image_member, open_image, sample_meta
+from pixart_lightning.data.shards import folder_samples, resolve_sources
+from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.evaluation.generate import Encoder, generate
+from pixart_lightning.files import sha256, write_json_atomic
+from pixart_lightning.models import PixArt
+from pixart_lightning.training.parallel import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def generated_moments(
 
     Under FSDP every rank must join every forward pass, so ranks with one chunk fewer generate a
     throw-away chunk to keep step with the others. ``precision``: the training precision, generated under
-    (:func:`~pixart_lightning.generate.generate`).
+    (:func:`~pixart_lightning.evaluation.generate.generate`).
     """
     text = model.cfg.mode == "text"
     if text and not all(c.caption for c in captions):

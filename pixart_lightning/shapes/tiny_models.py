@@ -26,11 +26,11 @@ from transformers import (
     T5Tokenizer,
 )
 
-# The shapes world owns its words; they stay importable from here for the tokenizer's users.
-from pixart_lightning.data.world import SHAPES_VOCAB as SHAPES_VOCAB
-from pixart_lightning.data.world import shapes_corpus as shapes_corpus
+from pixart_lightning.encoders.text import FEATURE_OPTIONS
 
-from .text_encoder import FEATURE_OPTIONS
+# The shapes world owns its words; they stay importable from here for the tokenizer's users.
+from pixart_lightning.shapes.world import SHAPES_VOCAB as SHAPES_VOCAB
+from pixart_lightning.shapes.world import shapes_corpus as shapes_corpus
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5 expects
 # Any word is cheaper whole than spelled out, so known words never split; unknown ones fall back to characters.
@@ -72,7 +72,7 @@ def build_tiny_t5(
     to +-2. Everything else is the plain random initialisation, and the folder is an ordinary ``from_pretrained``
     checkpoint whose features are ``last_hidden_state``. ``order_aware=False`` is the plain init: the tests' control.
 
-    ``position_code`` also marks the folder so that :class:`~pixart_lightning.text_encoder.T5TextEncoder` adds a
+    ``position_code`` also marks the folder so that :class:`~pixart_lightning.encoders.text.T5TextEncoder` adds a
     fixed sinusoidal code of each token's position to the features. Relative offsets alone do not tell the shape's
     colour word from the background's in minutes of training; in the demo calibration (docs/stages.md) absolute
     position was what made colour binding learnable. A real T5 learns this; its folders carry no such mark.

@@ -38,21 +38,29 @@ from callbacks.fid import FIDCallback
 from callbacks.preemption import Preempted, Preemption, requeue
 from callbacks.samples import SampleGrid
 from callbacks.throughput import Throughput
+from pixart_lightning.config import (
+    PIXEL_SPACE,
+    STAGES,
+    TINY_T5,
+    ConfigError,
+    StageConfig,
+    load_stage,
+    phase_configs,
+    to_yaml,
+)
+from pixart_lightning.data.module import ShardDataModule
+from pixart_lightning.data.shards import DataError, data_buckets, read_manifest, resolve_sources
+from pixart_lightning.encoders.text import LazyTextEncoder, PromptFeatures, T5TextEncoder
+from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.evaluation.alignment import alignment
+from pixart_lightning.files import atomic_write, note_written, sha256, write_json_atomic
+from pixart_lightning.interop import load_weights, save_weights
+from pixart_lightning.models import PixArt
+from pixart_lightning.shapes.synth import MANIFEST as SHAPES_MANIFEST
+from pixart_lightning.shapes.synth import synthesize
+from pixart_lightning.shapes.tiny_models import build_tiny_t5
+from pixart_lightning.training.parallel import make_strategy, rank_zero_result
 from stages import STAGE_MODULES
-
-from .config import PIXEL_SPACE, STAGES, TINY_T5, ConfigError, StageConfig, load_stage, phase_configs, to_yaml
-from .data.module import ShardDataModule
-from .data.shards import DataError, data_buckets, read_manifest, resolve_sources
-from .data.synth import MANIFEST as SHAPES_MANIFEST
-from .data.synth import synthesize
-from .evaluation import alignment
-from .files import atomic_write, note_written, sha256, write_json_atomic
-from .interop import load_weights, save_weights
-from .models import PixArt
-from .parallel import make_strategy, rank_zero_result
-from .text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
-from .tiny_models import build_tiny_t5
-from .vae import VAE, LazyVAE, PixelSpace
 
 FINAL, FINAL_EMA, MANIFEST = "final.safetensors", "final-ema.safetensors", "manifest.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

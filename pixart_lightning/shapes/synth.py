@@ -14,7 +14,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from pixart_lightning.data import world
+from pixart_lightning.shapes import world
 
 MANIFEST = "world.json"
 FORMAT_VERSION = 1  # bump when rendering, captions or sample fields change, so older folders are not reused

@@ -14,9 +14,8 @@ WORKER_TRACEBACK = f"\nOriginal {TRACEBACK}"
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from callbacks.checkpoints import DamagedCheckpoints
-
-    from .hub import ModelNotAvailableError
-    from .runner import RunnerError
+    from pixart_lightning.hub import ModelNotAvailableError
+    from pixart_lightning.runner.chain import RunnerError
 
     return (ValueError, FileNotFoundError, FileExistsError, ModelNotAvailableError, RunnerError, DamagedCheckpoints)
 
@@ -34,7 +33,7 @@ def _source(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace, source: Path):
-    from .interop import load_model
+    from pixart_lightning.interop import load_model
 
     options = {k: v for k, v in (("size", args.size), ("num_heads", args.num_heads), ("container", args.container)) if v}
     return load_model(source, **options)
@@ -44,7 +43,7 @@ def _run_manifest(checkpoint: Path) -> dict:
     """The manifest of the run folder that is or holds ``checkpoint``; {} outside a run folder."""
     import json
 
-    from .runner import MANIFEST
+    from pixart_lightning.runner.chain import MANIFEST
 
     path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -52,7 +51,7 @@ def _run_manifest(checkpoint: Path) -> dict:
 
 def _prediction(chosen: str | None, checkpoint: Path) -> str:
     """What the model predicts: ``chosen``, else what the checkpoint records, else its run's manifest, else epsilon."""
-    from .interop import read_prediction
+    from pixart_lightning.interop import read_prediction
 
     prediction = chosen or read_prediction(checkpoint) or _run_manifest(checkpoint).get("prediction")
     if prediction is None:
@@ -74,7 +73,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
-    from .interop import export_diffusers, save_weights, to_official
+    from pixart_lightning.interop import export_diffusers, save_weights, to_official
 
     source = _source(args)
     model = _load(args, source)
@@ -91,8 +90,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_reparam(args: argparse.Namespace) -> None:
-    from .interop import save_weights
-    from .models import class_to_text
+    from pixart_lightning.interop import save_weights
+    from pixart_lightning.models import class_to_text
 
     source = _source(args)
     model = class_to_text(_load(args, source), caption_channels=args.caption_channels, t=args.t,
@@ -102,7 +101,7 @@ def cmd_reparam(args: argparse.Namespace) -> None:
 
 
 def cmd_export_pipeline(args: argparse.Namespace) -> None:
-    from .interop.pipeline import export_pipeline
+    from pixart_lightning.interop.pipeline import export_pipeline
 
     source = _source(args)
     prediction = _prediction(args.prediction, source)
@@ -112,7 +111,7 @@ def cmd_export_pipeline(args: argparse.Namespace) -> None:
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> None:
-    from .tiny_models import build_tiny_models
+    from pixart_lightning.shapes.tiny_models import build_tiny_models
 
     for name, path in build_tiny_models(args.out).items():
         print(f"{name}: {path}")
@@ -120,8 +119,8 @@ def cmd_tiny_models(args: argparse.Namespace) -> None:
 
 def _run_artifacts(args: argparse.Namespace):
     """Model, VAE, text encoder, prediction and resolution for --ckpt, defaulted from the run folder's manifest."""
-    from .interop import load_model
-    from .runner import load_text_encoder, load_vae
+    from pixart_lightning.interop import load_model
+    from pixart_lightning.runner.chain import load_text_encoder, load_vae
 
     ckpt = Path(args.ckpt)
     run = _run_manifest(ckpt)
@@ -141,7 +140,7 @@ def _run_artifacts(args: argparse.Namespace):
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .generate import generate, save_grid
+    from pixart_lightning.evaluation.generate import generate, save_grid
 
     model, vae, encoder, prediction, resolution = _run_artifacts(args)
     if model.cfg.mode == "text" and not args.prompt:
@@ -165,14 +164,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .runner import run
+    from pixart_lightning.runner.chain import run
 
     stages = [int(s) for s in args.stages.split(",")] if args.stages else None
     run(args.config, stages, args.overrides)
 
 
 def cmd_slurm(args: argparse.Namespace) -> None:
-    from .slurm import SlurmOptions, submit
+    from pixart_lightning.runner.slurm import SlurmOptions, submit
 
     stages = [int(s) for s in args.stages.split(",")] if args.stages else None
     options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -182,7 +181,7 @@ def cmd_slurm(args: argparse.Namespace) -> None:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from .data.synth import synthesize
+    from pixart_lightning.shapes.synth import synthesize
 
     buckets = [tuple(int(v) for v in size.split("x")) for size in args.buckets.split(",")] if args.buckets else None
     synthesize(args.out, count=args.count, seed=args.seed, resolution=args.resolution, buckets=buckets,
@@ -191,8 +190,8 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_data_ingest(args: argparse.Namespace) -> None:
-    from .data.counts import Counts
-    from .data.ingest import ingest
+    from pixart_lightning.data.counts import Counts
+    from pixart_lightning.data.ingest import ingest
 
     m = ingest(args.sources, args.out, samples_per_shard=args.samples_per_shard)
     print(f"wrote {m['count']} samples in {len(m['shards'])} shards to {args.out}")
@@ -201,9 +200,9 @@ def cmd_data_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_data_caption(args: argparse.Namespace) -> None:
-    from .data.caption import recaption
-    from .data.counts import Counts
-    from .data.workers import process_rank
+    from pixart_lightning.data.caption import recaption
+    from pixart_lightning.data.counts import Counts
+    from pixart_lightning.data.workers import process_rank
 
     rank, world_size = process_rank(args.rank, args.world_size)
     summary = recaption(args.source, args.out, model=args.model, batch_size=args.batch_size,
@@ -216,8 +215,8 @@ def cmd_data_caption(args: argparse.Namespace) -> None:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
-    from .data.caption_stats import caption_statistics, format_table, read_captions, write_statistics
-    from .data.counts import Counts
+    from pixart_lightning.data.caption_stats import caption_statistics, format_table, read_captions, write_statistics
+    from pixart_lightning.data.counts import Counts
 
     columns = dict(column.split("=", 1) if "=" in column else (column, column) for column in args.columns)
     skipped = Counts()
@@ -230,8 +229,8 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_data_extract(args: argparse.Namespace) -> None:
-    from .data.counts import Counts
-    from .data.extract import ExtractSettings, extract
+    from pixart_lightning.data.counts import Counts
+    from pixart_lightning.data.extract import ExtractSettings, extract
 
     if args.no_latents and args.no_text:
         raise ValueError("--no-latents and --no-text together leave nothing to extract")
@@ -253,7 +252,7 @@ def cmd_data_extract(args: argparse.Namespace) -> None:
 def cmd_eval_alignment(args: argparse.Namespace) -> None:
     import json
 
-    from .evaluation import alignment
+    from pixart_lightning.evaluation.alignment import alignment
 
     model, vae, encoder, prediction, resolution = _run_artifacts(args)
     result = alignment(model, vae, encoder, num=args.num, seed=args.seed, height=args.height or resolution,
@@ -269,9 +268,9 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
 
     from omegaconf import OmegaConf
 
-    from .config import FIDSection
-    from .fid import evaluate_fid
-    from .files import write_json_atomic
+    from pixart_lightning.config import FIDSection
+    from pixart_lightning.evaluation.fid import evaluate_fid
+    from pixart_lightning.files import write_json_atomic
 
     model, vae, encoder, prediction, resolution = _run_artifacts(args)
     run_config = Path(args.ckpt) / "config.yaml"  # a stage folder: its own FID settings are the defaults
@@ -530,5 +529,3 @@ def _own_message(err: BaseException) -> str:
     return raised.strip()
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,10 +21,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .diffusion.gaussian_diffusion import PREDICTIONS
-from .diffusion.sampling import SAMPLERS
-from .models.config import MODEL_SIZES, PixArtConfig, official_interpolation_scale
-from .models.pixart import ATTENTION_BACKENDS
+from pixart_lightning.diffusion.gaussian_diffusion import PREDICTIONS
+from pixart_lightning.diffusion.sampling import SAMPLERS
+from pixart_lightning.models.config import MODEL_SIZES, PixArtConfig, official_interpolation_scale
+from pixart_lightning.models.pixart import ATTENTION_BACKENDS
 
 STAGES = (1, 2, 3)
 PRECISIONS = ("32", "bf16-mixed")

@@ -6,10 +6,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import world
-from .generate import Encoder, generate
-from .models import PixArt
-from .vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.evaluation.generate import Encoder, generate
+from pixart_lightning.models import PixArt
+from pixart_lightning.shapes import world
 
 
 def alignment(
@@ -35,7 +35,7 @@ def alignment(
     Prompts are single-shape scenes whose wording is held out of every training set. A text model
     gets the dense caption; a class model (stage 1) gets the scene's class label, which names the
     shape colour but not the background, so for it only ``shape`` is meaningful. ``precision`` and ``decode_batch``
-    are :func:`~pixart_lightning.generate.generate`'s.
+    are :func:`~pixart_lightning.evaluation.generate.generate`'s.
     """
     scenes = world.alignment_prompts(num, seed)
     hits = {"both": 0, "background": 0, "shape": 0}

@@ -10,10 +10,14 @@ from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+from pixart_lightning.encoders.lazy import Lazy
 from pixart_lightning.hub import load_pretrained, pipeline_subfolder
-from pixart_lightning.lazy import Lazy
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+PIXEL_SPACE = "pixel"
+"""The VAE name that means no VAE: the model denoises pixels (the embedded default)."""
+SD_VAE_DOWNSAMPLE = 8
+"""The Stable Diffusion VAE's downsampling factor (pixels per latent along a side), for when no VAE is loaded."""
 
 
 class VAE(nn.Module):

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .parallel import local
+from pixart_lightning.training.parallel import local
 
 CHUNK_ELEMENTS = 1 << 26
 """Parameters are averaged in groups of about this many elements, which bounds the temporary copy an update

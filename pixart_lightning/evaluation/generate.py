@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .diffusion import sample
-from .models.pixart import PixArt
-from .text_encoder import LazyTextEncoder, PromptFeatures, T5TextEncoder
-from .vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.diffusion import sample
+from pixart_lightning.encoders.text import LazyTextEncoder, PromptFeatures, T5TextEncoder
+from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
+from pixart_lightning.models.pixart import PixArt
 
 Encoder = T5TextEncoder | LazyTextEncoder | PromptFeatures
 @contextmanager

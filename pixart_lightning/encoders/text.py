@@ -16,12 +16,14 @@ from safetensors.torch import save
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
+from pixart_lightning.encoders.lazy import Lazy
 from pixart_lightning.files import atomic_write
 from pixart_lightning.hub import load_pretrained, pipeline_subfolder
-from pixart_lightning.lazy import Lazy
 from pixart_lightning.models.pixart import sincos_1d
 
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
+TINY_T5 = "tiny"
+"""The text-encoder name that means the offline tiny T5 the runner builds once per run name (the embedded default)."""
 FEATURE_OPTIONS = "pixart_lightning_features.json"
 """Beside a tiny offline encoder: ``{"position_code": true}`` adds a sinusoidal position code to its features."""
 
@@ -142,7 +144,7 @@ def prompt_digest(prompt: str) -> str:
 class PromptFeatures:
     """T5 features of the prompts generation uses (sample grid, alignment, FID captions), stored once beside the run.
 
-    Drop-in for the encoder in :func:`~pixart_lightning.generate.generate`: ``encode`` reads stored features and
+    Drop-in for the encoder in :func:`~pixart_lightning.evaluation.generate.generate`: ``encode`` reads stored features and
     encodes only prompts not stored yet. :meth:`fill` encodes ``chunk`` prompts at a time (30k FID captions never
     sit in memory at once), stores each chunk as one safetensors file (one (L, D) tensor of a prompt's real tokens,
     named by the prompt's sha256) and frees T5 after, so that T5 lives only while prompts are being encoded.

@@ -1,0 +1,1 @@
+"""Images from a trained model, and their scores: the sample generator, FID and the shapes-world alignment."""

@@ -1,0 +1,1 @@
+"""What every stage's training shares below the LightningModule: EMA, parallelism, compilation, FLOP counts."""
