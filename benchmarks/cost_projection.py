@@ -3,7 +3,7 @@
 The schedule is the paper's (steps x global batch per stage); the paper's cost is its V100-days / 2.2, which
 sum to the README's 753 A100-days. A rate comes either measured, as images/s per GPU at a resolution (the
 ``benchmarks/train_step.py`` figure on that GPU), or as an MFU, turned into images/s through the model's FLOPs
-per image (``pixart_lightning/flops.py``; stage 1 is class-conditional, cheaper per image). A resolution
+per image (``pixart_lightning/training/flops.py``; stage 1 is class-conditional, cheaper per image). A resolution
 without a measured rate runs at the MFU of the nearest measured one.
 
     python benchmarks/cost_projection.py --rate 256=440 --rate 512=120 --gpu H100   # measured images/s per GPU
@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pixart_lightning.encoders.vae import SD_VAE_DOWNSAMPLE  # noqa: E402
 from pixart_lightning.models import PixArtConfig  # noqa: E402
 from pixart_lightning.training.flops import PEAK_TFLOPS, train_flops_per_image  # noqa: E402
 
@@ -33,7 +34,7 @@ SCHEDULE = [
 
 def flops_per_image(stage: str, resolution: int) -> float:
     mode = "class" if stage.startswith("1") else "text"
-    cfg = PixArtConfig.from_name("PixArt-XL/2", mode=mode, sample_size=resolution // 8)
+    cfg = PixArtConfig.from_name("PixArt-XL/2", mode=mode, sample_size=resolution // SD_VAE_DOWNSAMPLE)
     return train_flops_per_image(cfg, resolution, resolution)
 
 

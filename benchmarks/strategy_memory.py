@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixart_lightning.config import TrainSection  # noqa: E402
+from pixart_lightning.config import ModelSection, StageConfig, TrainSection  # noqa: E402
 from pixart_lightning.diffusion import create_diffusion  # noqa: E402
 from pixart_lightning.models import PixArt, PixArtConfig  # noqa: E402
 from pixart_lightning.training.ema import EMA  # noqa: E402
-from pixart_lightning.training.parallel import clip_grad_norm, shard  # noqa: E402
+from pixart_lightning.training.parallel import clip_grad_norm, parallelize  # noqa: E402
 
 
 def run_variant(args, device: torch.device, fsdp: bool, checkpointing: bool, batch: int) -> tuple[float, float]:
@@ -39,15 +40,12 @@ def run_variant(args, device: torch.device, fsdp: bool, checkpointing: bool, bat
     cfg = PixArtConfig.from_name(args.size, caption_channels=channels, sample_size=latent)
     torch.manual_seed(0)
     model = PixArt(cfg).to(device)
-    model.gradient_checkpointing = checkpointing
     ema = EMA(model, 0.9999).to(device)
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (1,))
-        precision = "bf16-mixed" if device.type == "cuda" else "32"
-        for m in (model, ema.model):
-            shard(m, TrainSection(strategy="fsdp", precision=precision), mesh, device.type)
+    precision = "bf16-mixed" if device.type == "cuda" else "32"
+    stage_cfg = StageConfig(model=ModelSection(gradient_checkpointing=checkpointing),
+                            train=TrainSection(strategy="fsdp" if fsdp else "auto", precision=precision))
+    mesh = init_device_mesh(device.type, (1,)) if fsdp else None
+    parallelize(model, stage_cfg, device, mesh, average=ema.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10,
                                   fused=device.type == "cuda", foreach=device.type != "cuda")
     diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)

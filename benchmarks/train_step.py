@@ -2,10 +2,9 @@
 
 Ours is the real thing: the stage's module (stage 2 ``TextAlignment`` by default, stage 3 ``HighAesthetics`` with
 ``--stage 3``) in the Trainer the runner builds (same strategy, precision, logger and per-step callbacks; samples,
-FID and checkpoint saves off), fed by a DataLoader. The reference is what a diffusers user writes:
-``PixArtTransformer2DModel`` holding the same weights, the same hybrid loss (our ``GaussianDiffusion.training_losses``,
-ε/v MSE + VLB), ``torch.optim.AdamW`` with the same hyper-parameters and torch's default implementation, the same
-gradient clipping, and diffusers' ``EMAModel`` at the same rate, under the same autocast. Both see the same batches
+FID and checkpoint saves off), fed by a DataLoader. The reference is what a diffusers user writes
+(``benchmarks/reference_step.py``): ``PixArtTransformer2DModel`` holding the same weights, with the same loss,
+optimizer settings, gradient clipping and EMA rate, under the same autocast. Both see the same batches
 (precomputed caption features, and latent moments or pixels; in stage 3 an aspect-ratio bucket and the
 micro-conditions) and draw timesteps, noise and caption drops every step.
 
@@ -43,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.reference_step import DiffusersStep, reference_model  # noqa: E402
 from callbacks.checkpoints import Checkpoints  # noqa: E402
 from pixart_lightning.config import StageConfig, load_stage  # noqa: E402
 from pixart_lightning.data.buckets import bucket_table, nearest_bucket  # noqa: E402
@@ -53,11 +53,9 @@ from pixart_lightning.gpu_check.memory import (  # noqa: E402
     release_memory,
     start_peak_window,
 )
-from pixart_lightning.interop.formats import to_diffusers_model  # noqa: E402
-from pixart_lightning.runner.chain import make_trainer  # noqa: E402
+from pixart_lightning.runner.trainer import make_trainer  # noqa: E402
 from pixart_lightning.shapes.tiny_models import build_tiny_vae  # noqa: E402
 from pixart_lightning.training import flops  # noqa: E402
-from pixart_lightning.training.compilation import compile_blocks  # noqa: E402
 from stages import STAGE_MODULES  # noqa: E402
 from stages.base import DiffusionStage  # noqa: E402
 
@@ -168,64 +166,6 @@ class Batches(torch.utils.data.IterableDataset):
     def __iter__(self):
         while True:
             yield from self.batches
-
-
-class DiffusersStep:
-    """One training step of the reference: diffusers' model, our loss, torch's AdamW, diffusers' EMAModel."""
-
-    def __init__(self, model: torch.nn.Module, module: DiffusionStage, device: torch.device, dtype):
-        from diffusers.training_utils import EMAModel
-
-        cfg = module.cfg
-        o = cfg.optim
-        self.model, self.device, self.dtype, self.cfg = model.to(device).train(), device, dtype, cfg
-        self.diffusion = module.diffusion
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
-        self.ema = EMAModel(model.parameters(), decay=o.ema_rate) if o.ema_rate > 0 else None
-        self.null = module.model.y_embedder.y_embedding.detach().to(device)
-        self.vae = module.vae
-        self.drop_prob = module.model.cfg.class_dropout_prob
-
-    def __call__(self, batch: dict[str, Any]) -> None:
-        dev = self.device
-        y, mask = batch["caption_features"].to(dev).float(), batch["caption_mask"].to(dev)
-        if "pixels" in batch:
-            x0 = batch["pixels"].to(dev)
-        else:
-            mean, std = batch["latent_mean"].to(dev).float(), batch["latent_std"].to(dev).float()
-            x0 = self.vae.latents_from_posterior(mean, std, torch.randn_like(mean))
-        B = x0.shape[0]
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=dev)
-        drop = torch.rand(B, device=dev) < self.drop_prob
-        y = torch.where(drop[:, None, None], self.null[None, : y.shape[1]], y)
-        sizes = {"resolution": batch.get("original_size"), "aspect_ratio": batch.get("aspect_ratio")}
-        sizes = {k: None if v is None else v.to(dev) for k, v in sizes.items()}
-
-        def call(xt, timesteps):
-            return self.model(xt, encoder_hidden_states=y, timestep=timesteps, encoder_attention_mask=mask,
-                              added_cond_kwargs=sizes).sample
-
-        with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.diffusion.training_losses(call, x0, t, {}, torch.randn_like(x0))["loss"].mean()
-        loss.backward()
-        if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self.model.parameters())
-
-
-def reference_model(module: DiffusionStage, variant: Variant, device: torch.device) -> torch.nn.Module:
-    """diffusers' PixArtTransformer2DModel with our model's current weights, run as the variant says."""
-    with device:
-        theirs = to_diffusers_model(module.model).to(device)
-    if variant.checkpointing:
-        theirs.enable_gradient_checkpointing()
-    if variant.compiled:
-        compile_blocks(theirs.transformer_blocks, device)
-    return theirs
 
 
 class Alternate(L.Callback):

@@ -8,17 +8,11 @@ from typing import Any
 
 import lightning as L
 
-from callbacks.steps import step_ended
+from callbacks.steps import interim_step_ended
 from pixart_lightning.config import FIDSection
-from pixart_lightning.evaluation.fid import (
-    Caption,
-    FeatureExtractor,
-    append_record,
-    check_settings,
-    evaluate_fid,
-    load_extractor,
-    pinned_captions,
-)
+from pixart_lightning.evaluation.captions import Caption, pinned_captions
+from pixart_lightning.evaluation.extractors import FeatureExtractor, load_extractor
+from pixart_lightning.evaluation.fid import append_record, check_settings, evaluate_fid
 
 RECORDS, CAPTION_IDS = "fid.json", "fid-captions.json"
 
@@ -33,7 +27,8 @@ class FIDCallback(L.Callback):
 
     def __init__(self, settings: FIDSection, out_dir: str | Path, captions: Sequence[Caption] | None = None,
                  progress: bool = False):
-        """``captions``: the pinned list, when the caller has it (else read from the settings at the first measurement)."""
+        """``captions``: the pinned list, when the caller has it (else read from the settings at the first
+        measurement)."""
         check_settings(settings)
         self.settings = settings
         self.out_dir = Path(out_dir)
@@ -47,8 +42,7 @@ class FIDCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = self.settings.every_n_steps
-        if every and step_ended(trainer, batch_idx) and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
+        if interim_step_ended(trainer, batch_idx, self.settings.every_n_steps):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:

@@ -1,11 +1,12 @@
-"""Preemption: on SIGUSR1, checkpoint at the next step boundary, requeue the Slurm job, stop.
+"""Preemption: on SIGUSR1, checkpoint at a step boundary and stop; the runner then requeues the Slurm job.
 
 Slurm sends SIGUSR1 ``--signal=SIGUSR1@90`` seconds before a job's time limit (and on preemption, with
 a grace period). The handler only sets a flag: saving inside a signal handler would interrupt the
-training step anywhere, e.g. between the optimizer and the EMA update. At the end of every step the
-ranks agree on the flag (one all-reduce of a scalar), all save the checkpoint together, rank 0 asks
-Slurm to requeue the job, and training stops. The requeued job runs the same command, which resumes
-from that checkpoint: the data position is the step count, so it continues with the next batch.
+training step anywhere, e.g. between the optimizer and the EMA update. At a step boundary (one process:
+every step; several: about every ``CHECK_EVERY`` micro-batches) the ranks agree on the flag (one all-reduce
+of a scalar), all save the checkpoint together, and training stops with :class:`Preempted`; the runner's
+rank 0 then asks Slurm to requeue the job (:func:`requeue`). The requeued job runs the same command, which
+resumes from that checkpoint: the data position is the step count, so it continues with the next batch.
 
 What has to fit in the 90 s: up to ``CHECK_EVERY`` micro-batches until the ranks agree, then the save, which is
 serialising and writing the checkpoint, each file hashed as its bytes go out (no pass that reads it back,
@@ -78,7 +79,7 @@ class Preemption(L.Callback):
         if trainer.world_size == 1:
             if not self.requested:
                 return
-        else:  # a signal may reach the ranks at different steps: agree, every CHECK_EVERY steps (a host sync)
+        else:  # the signal may reach ranks at different steps: agree every ~CHECK_EVERY micro-batches (a host sync)
             if trainer.global_step % agreement_interval(trainer.accumulate_grad_batches):
                 return
             flag = torch.tensor(float(self.requested), device=pl_module.device)

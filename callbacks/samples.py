@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
-from callbacks.steps import step_ended
+from callbacks.steps import interim_step_ended
 from pixart_lightning.config import SamplesSection
 from pixart_lightning.evaluation.generate import save_grid
 from pixart_lightning.training.parallel import is_sharded
@@ -25,8 +25,7 @@ class SampleGrid(L.Callback):
         self.text_mode = text_mode
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        every = self.cfg.every_n_steps
-        if every and step_ended(trainer, batch_idx) and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
+        if interim_step_ended(trainer, batch_idx, self.cfg.every_n_steps):
             self.log_grid(trainer, pl_module, f"step-{trainer.global_step:06d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -42,7 +41,8 @@ class SampleGrid(L.Callback):
             return None
         key = "prompts" if self.text_mode else "labels"
         rows = [
-            pl_module.sample_images(**{key: list(conditions)}, cfg_scale=scale, seed=self.cfg.seed, use_ema=self.cfg.use_ema)
+            pl_module.sample_images(**{key: list(conditions)}, cfg_scale=scale, seed=self.cfg.seed,
+                                    use_ema=self.cfg.use_ema)
             for scale in self.cfg.cfg_scales
         ]
         images = torch.cat(rows)

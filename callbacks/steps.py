@@ -11,3 +11,10 @@ def step_ended(trainer: L.Trainer, batch_idx: int) -> bool:
     checkpoint taken there would sit in the middle of a step. Checkpoints sit on step boundaries, so a
     resumed run's batch index is a multiple of the accumulation too."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+def interim_step_ended(trainer: L.Trainer, batch_idx: int, every: int) -> bool:
+    """True for the batch that completed a step that is a multiple of ``every`` (0: never) and not the last: the
+    samples and FID of the last step come from their callbacks' ``on_train_end``, once."""
+    return (bool(every) and step_ended(trainer, batch_idx) and trainer.global_step % every == 0
+            and trainer.global_step < trainer.max_steps)

@@ -83,7 +83,9 @@ class Throughput(L.Callback):
         if self.peak_tflops is None and pl_module.device.type == "cuda":
             self._peak = flops.peak_tflops(torch.cuda.get_device_name(pl_module.device))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = perf_counter()
         if self._start is None:
             self._start = now

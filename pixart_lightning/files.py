@@ -1,4 +1,4 @@
-"""Files written whole or not at all, hashed as they are written."""
+"""Files and folders written whole or not at all (the one atomic writer); checkpoint files hashed as written."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,18 +51,66 @@ class HashingWriter(io.BufferedWriter):
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[HashingWriter]:
-    """A writer to a temporary name beside ``path``, renamed to ``path`` once the block completes: a reader sees
-    the old file or the new one, never half of it. The writer's ``record`` holds the file's bytes and sha256."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to, renamed to ``path`` once the block completes: a reader sees
+    the old file or the new one, never half of it. For writers that take a path (safetensors, tar writers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with HashingWriter(tmp) as out:
-            yield out
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[HashingWriter]:
+    """:func:`atomic_path` through a :class:`HashingWriter`, whose ``record`` holds the file's bytes and sha256."""
+    with atomic_path(path) as tmp, HashingWriter(tmp) as out:
+        yield out
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new folder beside ``path`` to fill, renamed to ``path`` once the block completes: a reader sees the whole
+    folder or none. An empty folder at ``path`` is taken over; a non-empty one (another process published it
+    first) raises FileExistsError. What the block wrote is removed unless it was published."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A random name, as processes of one job may write the same folder at once; mkdir, not mkdtemp (0700), keeps
+    # the umask.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(folder: str | os.PathLike, path: str | os.PathLike, replace: bool = False) -> None:
+    """Rename the complete ``folder`` to ``path``: a reader sees the old folder or the new one, never half of one.
+
+    A missing or empty ``path`` is taken; an existing one is swapped out and removed with ``replace`` (a newer
+    checkpoint of the same name), and raises FileExistsError without it.
+    """
+    folder, path = Path(folder), Path(path)
+    if replace and path.exists():
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        os.replace(path, old)
+        os.replace(folder, path)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+        return
+    try:
+        os.replace(folder, path)  # POSIX replaces an empty folder and refuses a non-empty one
+    except OSError as err:
+        if not path.exists():
+            raise
+        raise FileExistsError(f"{path} exists and is not an empty folder") from err
 
 
 def note_written(path: str | os.PathLike, record: FileRecord) -> None:

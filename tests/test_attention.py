@@ -9,14 +9,9 @@ from conftest import tiny_model
 
 from pixart_lightning.config import ConfigError, load_stage
 from pixart_lightning.models import pixart
+from pixart_lightning.models.attention import ATTENTION_BACKENDS, CPU_MATMUL_ATTENTION, attention
 from pixart_lightning.models.attention_check import check_attention_backends
-from pixart_lightning.models.pixart import (
-    ATTENTION_BACKENDS,
-    CAPTION_LENGTH_MULTIPLE,
-    CPU_MATMUL_ATTENTION,
-    attention,
-    trim_caption_padding,
-)
+from pixart_lightning.models.pixart import CAPTION_LENGTH_MULTIPLE, trim_caption_padding
 from tests.multiproc_train import DEMO, small_stage2
 
 NO_CPU_KERNEL = ("efficient", "cudnn")  # SDPA has these only on GPUs

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from pixart_lightning.cli import main
-from pixart_lightning.config import ConfigError, load_stage
+from pixart_lightning.config import PRECISIONS, ConfigError, StageConfig, load_saved, load_stage, to_yaml
+from pixart_lightning.config.schema import literal_fields
+from pixart_lightning.diffusion import SAMPLERS
 from pixart_lightning.runner.chain import plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -88,3 +91,49 @@ def test_cross_field_checks() -> None:
         load_stage(CONFIGS / "demo", 3, ["data.min_ratio=3"])
     with pytest.raises(ConfigError, match=r"samples.labels \[99\]"):
         load_stage(CONFIGS / "demo", 1, ["samples.labels=[99]"])
+
+
+def test_a_saved_config_loads_back_as_it_was(tmp_path: Path) -> None:
+    """``load_saved`` of a unit's config.yaml (``to_yaml``) is the config that wrote it."""
+    for stage in (1, 2, 3):
+        cfg = load_stage(CONFIGS / "demo", stage, ["train.max_steps=7"])
+        (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+        assert load_saved(tmp_path / "config.yaml") == cfg
+
+
+def test_a_saved_config_with_an_unknown_key_names_the_file(tmp_path: Path) -> None:
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(load_stage(CONFIGS / "demo", 1)).replace("  lr:", "  lrr:"))
+    line = next(i for i, text in enumerate(saved.read_text().splitlines(), 1) if "lrr:" in text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(saved))}:{line}: unknown key 'optim.lrr'"):
+        load_saved(saved)
+    saved.write_text(to_yaml(load_stage(CONFIGS / "demo", 1)).replace("stage: 1", "stage: 4"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(saved))}:\d+: stage=4: valid choices are 1, 2, 3"):
+        load_saved(saved)
+
+
+def test_the_saved_config_shows_the_learning_rate_it_trains_with(tmp_path: Path) -> None:
+    """With optim.scale_lr the rate is optim.lr x sqrt(global batch / 256); config.yaml says so and still loads."""
+    cfg = load_stage(CONFIGS / "pixart-xl2", 2, ["optim.scale_lr=true"])
+    plan = cfg.batch_plan()
+    assert plan.global_batch == 11392 and cfg.learning_rate() == pytest.approx(2e-5 * (11392 / 256) ** 0.5)
+    assert load_stage(CONFIGS / "pixart-xl2", 2).learning_rate() == 2e-5
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    text = (tmp_path / "config.yaml").read_text()
+    assert (f"# derived: learning rate = optim.lr 2e-05 x sqrt(global batch 11392 / 256) = {cfg.learning_rate()} "
+            "(optim.scale_lr)") in text.splitlines()
+    assert f"# derived: global batch 11392 = micro-batch {plan.micro} x {plan.accumulation} accumulation" in text
+    assert load_saved(tmp_path / "config.yaml") == cfg
+
+
+def test_every_fixed_choice_is_a_literal_whose_values_the_errors_name() -> None:
+    """The Literal owns the choices: a bad value of each is refused at load, naming them."""
+    fields = {key: choices for key, _, choices in literal_fields(StageConfig())}
+    assert {"stage", "model.size", "model.attention_backend", "diffusion.prediction", "text_encoder.dtype",
+            "train.precision", "train.strategy", "train.sharding", "samples.sampler", "fid.extractor",
+            "fid.sampler"} == set(fields)
+    assert (fields["train.precision"], fields["samples.sampler"]) == (PRECISIONS, SAMPLERS)
+    for key, choices in fields.items():
+        if key != "stage":  # set by the config folder's file names
+            with pytest.raises(ConfigError, match=re.escape(f"{key}='bogus': valid choices are {', '.join(choices)}")):
+                load_stage(CONFIGS / "demo", 2, [f"{key}=bogus"])

@@ -18,7 +18,7 @@ from pixart_lightning.diffusion import (
     normal_kl,
     sample,
 )
-from pixart_lightning.diffusion.sampling import guided_model_fn
+from pixart_lightning.diffusion.sampling import dpm_solver_scheduler, guided_model_fn
 
 LN2 = math.log(2.0)
 
@@ -406,6 +406,21 @@ def test_unknown_sampler_lists_valid_names() -> None:
     with pytest.raises(ValueError) as info:
         sample(lambda x, t: x, (1, 4, 2, 2), None, sampler="euler")
     assert "dpm++" in str(info.value) and "ancestral" in str(info.value)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ancestral"])
+def test_unknown_prediction_is_refused_by_both_samplers(sampler: str) -> None:
+    """An unknown prediction is a ValueError naming the choices, not a silent ε (DPM-Solver++ once took it as ε)."""
+    with pytest.raises(ValueError, match="valid choices are epsilon, v"):
+        sample(lambda x, t: x, (1, 4, 2, 2), None, sampler=sampler, prediction="x0")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_dpm_solver_runs_on_the_training_schedule(prediction: str) -> None:
+    """diffusers' scheduler behind DPM-Solver++ has the training diffusion's ᾱ and the model's prediction type."""
+    scheduler = dpm_solver_scheduler(prediction)
+    np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), create_diffusion().alphas_cumprod, rtol=1e-6)
+    assert scheduler.config.prediction_type == {"epsilon": "epsilon", "v": "v_prediction"}[prediction]
 
 
 # --------------------------------------------------------------------------- v-prediction

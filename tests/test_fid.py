@@ -17,7 +17,12 @@ from scipy import linalg
 from callbacks.fid import FIDCallback
 from pixart_lightning.config import FIDSection
 from pixart_lightning.encoders.vae import PixelSpace
-from pixart_lightning.evaluation import fid
+from pixart_lightning.evaluation import extractors, fid
+from pixart_lightning.evaluation.captions import Caption, load_captions, pin_captions, pinned_captions
+from pixart_lightning.evaluation.data_source import real_images
+from pixart_lightning.evaluation.errors import FIDError
+from pixart_lightning.evaluation.extractors import INCEPTION_FILE, FeatureExtractor, TinyFeatures, load_extractor
+from pixart_lightning.evaluation.feature_stats import Moments, frechet_distance, reference_stats
 from pixart_lightning.shapes.synth import synthesize
 
 
@@ -36,10 +41,10 @@ def test_frechet_distance_matches_closed_forms():
     """clean-fid's distance equals scipy's symmetric closed form, and the exact value for commuting covariances."""
     rng = np.random.default_rng(0)
     mu1, mu2, s1, s2 = rng.normal(size=6), rng.normal(size=6), spd(6, rng), spd(6, rng)
-    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form(mu1, s1, mu2, s2), rel=1e-8)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form(mu1, s1, mu2, s2), rel=1e-8)
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
     exact = 1.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # |mu1 - mu2|² = 1
-    assert fid.frechet_distance(np.zeros(3), np.diag(a), np.eye(3)[0], np.diag(b)) == pytest.approx(exact, rel=1e-10)
+    assert frechet_distance(np.zeros(3), np.diag(a), np.eye(3)[0], np.diag(b)) == pytest.approx(exact, rel=1e-10)
 
 
 def test_moments_of_samples_recover_the_gaussians_fid():
@@ -48,15 +53,15 @@ def test_moments_of_samples_recover_the_gaussians_fid():
     mu1, mu2, s1, s2 = rng.normal(size=4), rng.normal(size=4), spd(4, rng), spd(4, rng)
     x = rng.multivariate_normal(mu1, s1, size=40000)
     y = rng.multivariate_normal(mu2, s2, size=40000)
-    halves = [fid.Moments(4), fid.Moments(4)]
+    halves = [Moments(4), Moments(4)]
     halves[0].add(x[:15000])
     halves[1].add(x[15000:])
     mx = halves[0].merge(halves[1])
-    my = fid.Moments(4)
+    my = Moments(4)
     my.add(y)
     mean, cov = mx.mean_cov()
     assert np.allclose(mean, x.mean(0)) and np.allclose(cov, np.cov(x, rowvar=False))
-    assert fid.frechet_distance(*mx.mean_cov(), *my.mean_cov()) == pytest.approx(closed_form(mu1, s1, mu2, s2), rel=0.05)
+    assert frechet_distance(*mx.mean_cov(), *my.mean_cov()) == pytest.approx(closed_form(mu1, s1, mu2, s2), rel=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +81,15 @@ def tiny_settings(world, tmp_path, **changes) -> FIDSection:
 def test_identical_sets_give_zero_and_different_sets_do_not(world, tmp_path):
     """Generated-image features of the reference images themselves reproduce its statistics; noise is far."""
     settings = tiny_settings(world, tmp_path)
-    extractor = fid.load_extractor(settings)
-    ref = fid.reference_stats(str(world), extractor, settings.cache_dir)
+    extractor = load_extractor(settings)
+    ref = reference_stats(str(world), extractor, settings.cache_dir)
     assert ref.count == 48
-    same = fid.Moments(extractor.dim)
-    same.add(extractor(torch.stack(list(fid._reference_images(str(world), 0)))))
-    assert abs(fid.frechet_distance(*same.mean_cov(), ref.mu, ref.sigma)) < 1e-4  # 48 images, 83 features: singular
-    noise = fid.Moments(extractor.dim)
+    same = Moments(extractor.dim)
+    same.add(extractor(torch.stack(list(real_images(str(world), 0)))))
+    assert abs(frechet_distance(*same.mean_cov(), ref.mu, ref.sigma)) < 1e-4  # 48 images, 83 features: singular
+    noise = Moments(extractor.dim)
     noise.add(extractor(torch.randint(0, 256, (48, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)))
-    assert fid.frechet_distance(*noise.mean_cov(), ref.mu, ref.sigma) > 100
+    assert frechet_distance(*noise.mean_cov(), ref.mu, ref.sigma) > 100
 
 
 class Counting(torch.nn.Module):
@@ -92,7 +97,7 @@ class Counting(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inner, self.seen = fid.TinyFeatures(), 0
+        self.inner, self.seen = TinyFeatures(), 0
 
     def forward(self, x):
         self.seen += len(x)
@@ -107,17 +112,17 @@ def test_reference_statistics_are_cached_and_keyed(tmp_path):
     for i in range(6):  # odd sizes: centre-cropped to squares
         Image.fromarray(rng.integers(0, 256, (12 + i, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     counting = Counting()
-    extractor = fid.FeatureExtractor(counting, "tiny", "counting", fid.TinyFeatures.dim, 32, torch.device("cpu"))
-    first = fid.reference_stats(str(folder), extractor, tmp_path / "cache")
-    again = fid.reference_stats(str(folder), extractor, tmp_path / "cache")
+    extractor = FeatureExtractor(counting, "tiny", "counting", TinyFeatures.dim, 32, torch.device("cpu"))
+    first = reference_stats(str(folder), extractor, tmp_path / "cache")
+    again = reference_stats(str(folder), extractor, tmp_path / "cache")
     assert counting.seen == 6 and again.cache == first.cache and np.array_equal(again.sigma, first.sigma)
-    assert fid.reference_stats(str(folder), extractor, tmp_path / "cache", count=4).count == 4
+    assert reference_stats(str(folder), extractor, tmp_path / "cache", count=4).count == 4
     assert counting.seen == 10
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "new.png")
-    grown = fid.reference_stats(str(folder), extractor, tmp_path / "cache")
+    grown = reference_stats(str(folder), extractor, tmp_path / "cache")
     assert grown.count == 7 and grown.cache != first.cache and counting.seen == 17
     extractor.resize = 40
-    assert fid.reference_stats(str(folder), extractor, tmp_path / "cache").cache not in (first.cache, grown.cache)
+    assert reference_stats(str(folder), extractor, tmp_path / "cache").cache not in (first.cache, grown.cache)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4 and not list((tmp_path / "cache").glob(".*tmp"))
 
 
@@ -127,13 +132,13 @@ def test_missing_inception_weights_say_how_to_get_them(tmp_path, monkeypatch):
         raise AssertionError("tried the network")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(fid, "DEFAULT_INCEPTION", tmp_path / "home" / fid.INCEPTION_FILE)
-    monkeypatch.setattr(fid.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    with pytest.raises(fid.FIDError, match="curl -L -o inception-2015-12-05.pt https://nvlabs-fi-cdn") as err:
-        fid.load_extractor(FIDSection())
+    monkeypatch.setattr(extractors, "DEFAULT_INCEPTION", tmp_path / "home" / INCEPTION_FILE)
+    monkeypatch.setattr(extractors.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    with pytest.raises(FIDError, match="curl -L -o inception-2015-12-05.pt https://nvlabs-fi-cdn") as err:
+        load_extractor(FIDSection())
     assert str(tmp_path / "home") in str(err.value) and "fid.inception_weights" in str(err.value)
-    with pytest.raises(fid.FIDError, match="missing.pt"):
-        fid.load_extractor(FIDSection(inception_weights=str(tmp_path / "missing.pt")))
+    with pytest.raises(FIDError, match="missing.pt"):
+        load_extractor(FIDSection(inception_weights=str(tmp_path / "missing.pt")))
 
 
 class FakeInception(torch.nn.Module):
@@ -149,35 +154,35 @@ class FakeInception(torch.nn.Module):
 
 def test_inception_loads_from_a_local_file(tmp_path):
     """clean-fid's InceptionV3W runs from the configured file (or folder) at 299 px; a renamed file is refused."""
-    torch.jit.script(FakeInception()).save(str(tmp_path / fid.INCEPTION_FILE))
-    for setting in (tmp_path, tmp_path / fid.INCEPTION_FILE):
-        extractor = fid.load_extractor(FIDSection(inception_weights=str(setting)))
+    torch.jit.script(FakeInception()).save(str(tmp_path / INCEPTION_FILE))
+    for setting in (tmp_path, tmp_path / INCEPTION_FILE):
+        extractor = load_extractor(FIDSection(inception_weights=str(setting)))
         features = extractor(torch.randint(0, 256, (2, 3, 20, 30), dtype=torch.uint8))
         assert features.shape == (2, 2048) and extractor.identity.startswith("inception-2015-12-05:")
-    (tmp_path / fid.INCEPTION_FILE).rename(tmp_path / "weights.pt")
-    with pytest.raises(fid.FIDError, match="rename it"):
-        fid.load_extractor(FIDSection(inception_weights=str(tmp_path / "weights.pt")))
+    (tmp_path / INCEPTION_FILE).rename(tmp_path / "weights.pt")
+    with pytest.raises(FIDError, match="rename it"):
+        load_extractor(FIDSection(inception_weights=str(tmp_path / "weights.pt")))
 
 
 def test_settings_and_captions(tmp_path):
     """Bad choices are named; caption files in three formats; the pinned subset is seeded and in source order."""
     problems = FIDSection(extractor="clip", sampler="ddim", resize=256, num_images=1).problems()
     assert len(problems) == 3 and any("fid.extractor='clip'" in p for p in problems)
-    with pytest.raises(fid.FIDError, match="resize=256"):
+    with pytest.raises(FIDError, match="resize=256"):
         fid.check_settings(FIDSection(resize=256))
     (tmp_path / "c.txt").write_text("a red circle\n\na blue square\n")
-    assert fid.load_captions(str(tmp_path / "c.txt")) == [fid.Caption(0, "a red circle"), fid.Caption(2, "a blue square")]
+    assert load_captions(str(tmp_path / "c.txt")) == [Caption(0, "a red circle"), Caption(2, "a blue square")]
     coco = {"annotations": [{"id": 7, "image_id": 1, "caption": " A cat. "}]}
     (tmp_path / "coco.json").write_text(json.dumps(coco))
-    assert fid.load_captions(str(tmp_path / "coco.json")) == [fid.Caption(7, "A cat.")]
-    captions = [fid.Caption(i, f"caption {i}") for i in range(100)]
+    assert load_captions(str(tmp_path / "coco.json")) == [Caption(7, "A cat.")]
+    captions = [Caption(i, f"caption {i}") for i in range(100)]
     (tmp_path / "list.json").write_text(json.dumps([{"id": c.id, "caption": c.caption} for c in captions]))
-    assert fid.load_captions(str(tmp_path / "list.json")) == captions
-    pinned = fid.pin_captions(captions, 10, seed=3)
-    assert pinned == fid.pin_captions(captions, 10, seed=3) != fid.pin_captions(captions, 10, seed=4)
+    assert load_captions(str(tmp_path / "list.json")) == captions
+    pinned = pin_captions(captions, 10, seed=3)
+    assert pinned == pin_captions(captions, 10, seed=3) != pin_captions(captions, 10, seed=4)
     assert [c.id for c in pinned] == sorted(c.id for c in pinned) and len(set(pinned)) == 10
-    with pytest.raises(fid.FIDError, match="needs 101 captions"):
-        fid.pin_captions(captions, 101, seed=0)
+    with pytest.raises(FIDError, match="needs 101 captions"):
+        pin_captions(captions, 101, seed=0)
 
 
 class StubEncoder:
@@ -194,8 +199,8 @@ def test_images_do_not_depend_on_the_number_of_ranks(world, tmp_path):
         chunks = [c for rank in range(world_size) for c in fid.rank_chunks(7, 3, rank, world_size)]
         assert sorted(i for c in chunks for i in c) == list(range(7))
     settings = tiny_settings(world, tmp_path, num_images=7, batch_size=3)
-    captions = fid.pinned_captions(settings)
-    extractor = fid.load_extractor(settings)
+    captions = pinned_captions(settings)
+    extractor = load_extractor(settings)
     model = tiny_model(in_channels=3)
 
     def moments(rank, world_size):

@@ -16,7 +16,7 @@ from callbacks.checkpoints import Checkpoints
 from pixart_lightning.config import ConfigError, load_stage, phase_configs
 from pixart_lightning.interop.formats import to_official
 from pixart_lightning.models import PixArt
-from pixart_lightning.runner.chain import make_trainer
+from pixart_lightning.runner.trainer import make_trainer
 from stages import STAGE_MODULES
 from tests.conftest import randomize
 

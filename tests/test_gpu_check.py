@@ -31,6 +31,7 @@ from pixart_lightning.gpu_check.harness import (
 from pixart_lightning.gpu_check.memory import is_out_of_memory, largest_batch
 from pixart_lightning.gpu_check.wheels import download_command, missing_packages, project_requirements, wheel_pin
 from pixart_lightning.training.compilation import compile_unavailable
+from pixart_lightning.training.parallel import parallelize
 
 CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "syncs", "sampling", "attention", "chain"]
 
@@ -237,6 +238,7 @@ def test_a_variant_sets_both_sides_alike(tmp_path):
     assert not plain.model.compile and not plain.model.gradient_checkpointing
     variant = train_step.VARIANTS["compiled+ckpt"]
     built = train_step.prepare(setup, variant, tmp_path)
+    parallelize(built.module.model, built.cfg, torch.device("cpu"))  # as the stage's configure_model does in fit
     assert built.cfg.model.compile and built.module.model.gradient_checkpointing
     theirs = train_step.reference_model(built.module, variant, torch.device("cpu"))
     assert theirs.gradient_checkpointing

@@ -99,6 +99,24 @@ def test_gradient_clipping_by_global_norm() -> None:
     assert torch.sqrt(sum((p.grad**2).sum() for p in params)) == pytest.approx(0.5, rel=1e-4)
 
 
+def test_fit_parallelizes_the_training_model_and_keeps_its_parameter_names(tmp_path: Path) -> None:
+    """The stage's configure_model hands its model to parallelize(): activation checkpointing is turned on there
+    (for the training model only: the EMA copy only samples), and the state-dict keys stay the model's own."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from tests.multiproc_train import GlobalBatches, small_stage2
+
+    module = small_stage2(1, "model.gradient_checkpointing=true")
+    keys = list(module.state_dict())
+    assert not module.model.gradient_checkpointing  # nothing is applied before the Trainer configures the model
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader(GlobalBatches(0, 1, 0, 1), batch_size=None))
+    assert module.model.gradient_checkpointing and not module.ema.model.gradient_checkpointing
+    assert list(module.state_dict()) == keys
+
+
 def test_fsdp_computes_like_ddp_under_bf16_mixed(tmp_path: Path) -> None:
     """bf16-mixed: FSDP gathers bf16 weights but, like DDP under autocast, leaves the residual stream and the raw
     micro-condition sizes in fp32 (a size of 1001 stays 1001, not bf16's 1000) while the matmuls run in bf16."""

@@ -48,7 +48,9 @@ from pixart_lightning.data.samples import (
 from pixart_lightning.data.shards import DataError, batched, data_buckets, tar_shards
 from pixart_lightning.data.sources import complete_samples
 from pixart_lightning.data.workers import process_device, process_rank, share
-from pixart_lightning.files import write_json_atomic
+from pixart_lightning.encoders.loading import DTYPES, load_text_encoder, load_vae
+from pixart_lightning.encoders.vae import SD_VAE_DOWNSAMPLE
+from pixart_lightning.files import atomic_path, write_json_atomic
 
 MANIFEST, SETTINGS = "manifest.json", "extract.json"
 
@@ -79,8 +81,6 @@ class Extractor:
     """The frozen encoders and the bucket table, applied to one shard at a time."""
 
     def __init__(self, settings: ExtractSettings, device: str | torch.device, batch_size: int):
-        from pixart_lightning.runner.chain import DTYPES, load_text_encoder, load_vae
-
         self.settings, self.device, self.batch_size = settings, torch.device(device), batch_size
         on_gpu = self.device.type == "cuda"
         # fp16 VAE and bf16 T5 on a GPU, as PixArt-α's extractors; the posterior moments are stored in fp16 anyway.
@@ -89,7 +89,7 @@ class Extractor:
                         if settings.text_encoder else None)
         if self.encoder is not None:
             self.encoder.model.to(self.device)
-        factor = self.vae.downsample_factor if self.vae is not None else 8
+        factor = self.vae.downsample_factor if self.vae is not None else SD_VAE_DOWNSAMPLE
         self.buckets = data_buckets(settings.resolution, settings.patch_size * factor, settings.multi_scale,
                                     settings.min_ratio, settings.max_ratio)
         self.t5_dtype = DTYPES[settings.t5_dtype]
@@ -159,17 +159,10 @@ class Extractor:
 
         A shard that yields nothing because it could not be read is not marked done: a rerun retries it.
         """
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        try:
-            return self._shard(url, target, partial, progress)
-        finally:
-            partial.unlink(missing_ok=True)  # renamed into place when complete; nothing left behind otherwise
-
-    def _shard(self, url: str, target: Path, partial: Path, progress: tqdm) -> dict[str, Any]:
         skipped = Counts()
         buckets: dict[str, int] = {}
         t5_tokens = written = 0
-        with wds.TarWriter(str(partial), encoder=False) as sink:
+        with atomic_path(target) as partial, wds.TarWriter(str(partial), encoder=False) as sink:
             for batch in batched(complete_samples(url, lambda err: skipped.tar_error(url, err)), self.batch_size):
                 items = [p for raw in batch if (p := self._prepared(raw, skipped)) is not None]
                 for item, features in zip(items, self._features(items) if items else []):
@@ -183,9 +176,8 @@ class Extractor:
                     t5_tokens += features["t5"].shape[0] if "t5" in features else 0
                     written += 1
                 progress.update(len(batch))
-        if written == 0 and skipped.tar_errors:
-            raise DataError(f"{url}: could not be read ({skipped.summary()}); fix it and run the same command again")
-        os.replace(partial, target)
+            if written == 0 and skipped.tar_errors:  # nothing renamed into place
+                raise DataError(f"{url}: could not be read ({skipped.summary()}); fix it and run the same command again")
         _record_settings(target.parent, self.settings)
         stats = {"samples": written, **skipped.fields(), "bucket_counts": buckets, "t5_tokens": t5_tokens,
                  "bytes": target.stat().st_size}
@@ -200,8 +192,8 @@ def extract(
     """Extract this process's share of ``source``'s shards into ``out_dir``; the manifest once all are done."""
     if settings.vae is None and settings.text_encoder is None:
         raise ValueError("nothing to extract: give a VAE, a text encoder, or both")
-    if settings.t5_dtype not in ("fp16", "bf16", "fp32"):
-        raise ValueError(f"t5_dtype {settings.t5_dtype!r}: valid choices are fp16, bf16, fp32")
+    if settings.t5_dtype not in DTYPES:
+        raise ValueError(f"t5_dtype {settings.t5_dtype!r}: valid choices are {', '.join(DTYPES)}")
     if settings.t5_compress and settings.t5_dtype == "fp32":
         raise ValueError("t5_compress packs 16-bit features: use t5_dtype fp16 or bf16, or no compression")
     check_trainable(settings, source)

@@ -2,8 +2,9 @@
 
 PixArt-α predicts ε. v = √ᾱ·ε − √(1−ᾱ)·x0 is offered because with the linear schedule an image's
 colours are decided at high noise, where an ε target says little about x0: a tiny model trained for
-minutes learns colour with v and hardly at all with ε (``docs/stages.md`` and the shared demo calibration). The hybrid loss works with
-either; the variance channels and the VLB are the same.
+minutes learns colour with v and hardly at all with ε (``docs/stages.md`` and the shared demo calibration). The
+hybrid loss works with either; the variance channels and the VLB are the same. The schedule's numbers are
+:mod:`pixart_lightning.diffusion.schedule`'s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pixart_lightning.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from pixart_lightning.diffusion.schedule import NUM_TIMESTEPS, linear_betas, space_timesteps
 
 # fn(x_t, t_model) -> raw model output; t_model holds the ORIGINAL integer timesteps.
 ModelOutputFn = Callable[[Tensor, Tensor], Tensor]
@@ -30,16 +32,11 @@ SCHEDULE_TABLES = (
 )
 
 
-def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """Linearly spaced float64 noise schedule."""
-    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-
-
-def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """Pick `steps` evenly spaced timesteps from 0..num_timesteps-1, both ends included."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"cannot pick {steps} steps out of {num_timesteps}")
-    return sorted({int(i) for i in np.round(np.linspace(0, num_timesteps - 1, steps))})
+def check_prediction(prediction: str) -> Prediction:
+    """``prediction`` if the diffusion knows it (``epsilon``, ``v``); a one-line ValueError otherwise."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={prediction!r}: valid choices are {', '.join(PREDICTIONS)}")
+    return prediction
 
 
 def randn(
@@ -63,8 +60,7 @@ class GaussianDiffusion:
         learn_sigma: bool = True,
         prediction: Prediction = "epsilon",
     ) -> None:
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction={prediction!r}: valid choices are {', '.join(PREDICTIONS)}")
+        check_prediction(prediction)
         betas = np.asarray(betas, dtype=np.float64)
         if use_timesteps is None:
             use_timesteps = list(range(len(betas)))
@@ -254,7 +250,7 @@ class GaussianDiffusion:
 
 def create_diffusion(
     timestep_respacing: str | int | None = None,
-    num_timesteps: int = 1000,
+    num_timesteps: int = NUM_TIMESTEPS,
     learn_sigma: bool = True,
     prediction: Prediction = "epsilon",
 ) -> GaussianDiffusion:

@@ -10,7 +10,14 @@ from diffusers import DPMSolverMultistepScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pixart_lightning.diffusion.gaussian_diffusion import ModelOutputFn, Prediction, create_diffusion, randn
+from pixart_lightning.diffusion.gaussian_diffusion import (
+    ModelOutputFn,
+    Prediction,
+    check_prediction,
+    create_diffusion,
+    randn,
+)
+from pixart_lightning.diffusion.schedule import diffusers_schedule
 
 SAMPLERS = ("dpm++", "ancestral")
 _DEFAULT_STEPS = {"dpm++": 20, "ancestral": 100}
@@ -42,6 +49,11 @@ def guided_model_fn(
     return fn
 
 
+def dpm_solver_scheduler(prediction: Prediction) -> DPMSolverMultistepScheduler:
+    """diffusers' second-order multistep DPM-Solver++ over the training schedule, for a model predicting ε or v."""
+    return DPMSolverMultistepScheduler(**diffusers_schedule(prediction), algorithm_type="dpmsolver++", solver_order=2)
+
+
 def _dpm_solver_pp(
     fn: ModelOutputFn,
     shape: Sequence[int],
@@ -52,15 +64,7 @@ def _dpm_solver_pp(
     prediction: Prediction,
 ) -> Tensor:
     """Second-order multistep DPM-Solver++ on the ε (or v) channels."""
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule="linear",
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-        prediction_type="v_prediction" if prediction == "v" else "epsilon",
-    )
+    scheduler = dpm_solver_scheduler(prediction)
     scheduler.set_timesteps(steps, device=device)
     x = randn(shape, generator, device) * scheduler.init_noise_sigma
     for t in tqdm(scheduler.timesteps, disable=not progress):
@@ -97,6 +101,7 @@ def sample(
     """Generate latents x_0 of `shape` from `model` with classifier-free guidance."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_prediction(prediction)
     steps = steps or _DEFAULT_STEPS[sampler]
     device = torch.device(device) if device is not None else _default_device(model)
     fn = guided_model_fn(model, model_kwargs, cfg_scale)

@@ -18,12 +18,14 @@ PIXEL_SPACE = "pixel"
 """The VAE name that means no VAE: the model denoises pixels (the embedded default)."""
 SD_VAE_DOWNSAMPLE = 8
 """The Stable Diffusion VAE's downsampling factor (pixels per latent along a side), for when no VAE is loaded."""
+SD_VAE_SCALE = 0.18215
+"""The Stable Diffusion VAE's latent scale: latents times it have about unit variance (``vae.scale_factor``)."""
 
 
 class VAE(nn.Module):
     """Frozen KL autoencoder; latents are multiplied by ``scale_factor`` to get roughly unit variance."""
 
-    def __init__(self, model: AutoencoderKL, scale_factor: float = 0.18215):
+    def __init__(self, model: AutoencoderKL, scale_factor: float = SD_VAE_SCALE):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.scale_factor = scale_factor
@@ -32,7 +34,7 @@ class VAE(nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike = DEFAULT_VAE,
-        scale_factor: float = 0.18215,
+        scale_factor: float = SD_VAE_SCALE,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         subfolder: str | None = None,
@@ -142,7 +144,7 @@ class LazyVAE(Lazy[VAE]):
     process that decodes (samples, FID, alignment) or trains on images ever holds the weights.
     """
 
-    def __init__(self, name_or_path: str | os.PathLike = DEFAULT_VAE, scale_factor: float = 0.18215,
+    def __init__(self, name_or_path: str | os.PathLike = DEFAULT_VAE, scale_factor: float = SD_VAE_SCALE,
                  dtype: torch.dtype | None = None):
         super().__init__()
         self.name_or_path = str(name_or_path)

@@ -103,7 +103,8 @@ def generate(
     ``precision`` (a Lightning precision, e.g. the trainer's) is the one training runs under, so that an EMA model
     generates alike whether it is sharded (FSDP computes in bf16 under ``bf16-mixed``) or not: the backbone under
     bf16 autocast and the VAE decoder under bf16 autocast for ``bf16-mixed`` (fp32 otherwise: fp16 is refused, see
-    ``config.FP16_REFUSED``), and fp32 matmuls as TF32 on CUDA. ``decode_batch`` bounds the images decoded at once (0: all).
+    ``config.FP16_REFUSED``), and fp32 matmuls as TF32 on CUDA. ``decode_batch`` bounds the images decoded at once
+    (0: all).
     """
     factor = vae.downsample_factor
     if height % (factor * model.cfg.patch_size) or width % (factor * model.cfg.patch_size):

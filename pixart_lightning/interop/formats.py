@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pixart_lightning.files import atomic_path
 from pixart_lightning.interop.diffusers_keys import dit_rules, pixart_rules, to_ours, to_theirs
 from pixart_lightning.interop.state_dicts import (
     IncompatibleCheckpointError,
@@ -44,15 +44,12 @@ def save_weights(model: PixArt, path: str | Path, prediction: str = "epsilon") -
     The prediction type is not part of the backbone but decides how to sample from it: recorded here, the file
     samples and exports correctly away from the run folder whose manifest also names it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": _NATIVE_TAG, "config": json.dumps(model.cfg.to_dict()),
                 "prediction": check_prediction(prediction)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pixart_lightning.models.pixart import ATTENTION_BACKENDS, attention
+from pixart_lightning.models.attention import ATTENTION_BACKENDS, attention
 
 _TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 """Largest error relative to the reference's largest magnitude that still counts as equal, per dtype."""

@@ -5,229 +5,38 @@ drives a per-block adaLN-Zero MLP. ``mode="text"`` is PixArt-α (Chen et al., 20
 ``t_block`` (adaLN-single) plus a learned per-block ``scale_shift_table``, and cross-attention over
 projected caption features. Parameter names follow the official checkpoints of both projects, so
 their state dicts load by key.
+
+The embedders are in :mod:`pixart_lightning.models.layers`, attention in :mod:`pixart_lightning.models.attention`;
+this module assembles them into blocks and the model.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+# ATTENTION_BACKENDS, CPU_MATMUL_ATTENTION and attention are re-exported for the callers that still import them from
+# here (config/, tests/test_performance.py); their home is pixart_lightning.models.attention.
+from pixart_lightning.models.attention import (  # noqa: F401
+    ATTENTION_BACKENDS,
+    CPU_MATMUL_ATTENTION,
+    CrossAttention,
+    SelfAttention,
+    attention,
+)
 from pixart_lightning.models.config import PixArtConfig
-
-#################################################################################
-#                               Embedding layers                                #
-#################################################################################
-
-
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
-    """Sinusoidal features of scalar ``t`` (B,) -> (B, dim), cosines first."""
-    half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-    args = t.float()[:, None] * torch.exp(-math.log(max_period) * exponent)[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TimestepEmbedder(nn.Module):
-    """Scalar -> sinusoid -> MLP, for timesteps and (as ``SizeEmbedder``) micro-conditions."""
-
-    def __init__(self, hidden_size: int, freq_dim: int = 256, freq_shift: float = 0.0):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.freq_dim = freq_dim
-        self.freq_shift = freq_shift
-
-    def forward(self, t: Tensor) -> Tensor:
-        t_freq = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
-
-
-class SizeEmbedder(TimestepEmbedder):
-    """Embeds each of k scalars (image h and w, or the aspect ratio) and concatenates them."""
-
-    def forward(self, s: Tensor) -> Tensor:  # (B, k) -> (B, k * hidden)
-        return super().forward(s.reshape(-1)).reshape(s.shape[0], -1)
-
-
-def _drop_mask(batch: int, prob: float, training: bool, force_drop_ids: Tensor | None, device) -> Tensor | None:
-    """Which samples get the null condition: forced ids win, else random drops while training."""
-    if force_drop_ids is not None:
-        return force_drop_ids.to(device=device).bool()
-    if training and prob > 0:
-        return torch.rand(batch, device=device) < prob
-    return None
-
-
-class LabelEmbedder(nn.Module):
-    """Class labels -> vectors; row ``num_classes`` is the null class used for guidance."""
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def forward(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        drop = _drop_mask(labels.shape[0], self.dropout_prob, self.training, force_drop_ids, labels.device)
-        if drop is not None:
-            labels = torch.where(drop, self.num_classes, labels)
-        return self.embedding_table(labels)
-
-
-class Mlp(nn.Module):
-    """Linear -> tanh-GELU -> Linear, keyed ``fc1``/``fc2`` as in timm and the official code."""
-
-    def __init__(self, in_features: int, hidden_features: int, out_features: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.fc2 = nn.Linear(hidden_features, out_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class CaptionEmbedder(nn.Module):
-    """Projects caption features to the model width; the null caption is ``y_embedding``.
-
-    The official code keeps ``y_embedding`` as a fixed random buffer (never trained); with
-    ``learned=True`` it is a parameter instead. Captions may be shorter than ``num_tokens``
-    (features trimmed per batch): a dropped caption takes the first L null tokens and keeps its
-    own mask, which is what the official trainer sees for a padded caption.
-    """
-
-    def __init__(self, in_channels: int, hidden_size: int, dropout_prob: float, num_tokens: int, learned: bool):
-        super().__init__()
-        self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
-        null = torch.randn(num_tokens, in_channels) / in_channels**0.5
-        if learned:
-            self.y_embedding = nn.Parameter(null)
-        else:
-            self.register_buffer("y_embedding", null)
-        self.dropout_prob = dropout_prob
-
-    def forward(self, caption: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        batch, length, _ = caption.shape
-        if length > self.y_embedding.shape[0]:
-            raise ValueError(f"caption has {length} tokens; this model takes at most {self.y_embedding.shape[0]}")
-        drop = _drop_mask(batch, self.dropout_prob, self.training, force_drop_ids, caption.device)
-        if drop is not None:
-            null = self.y_embedding[None, :length].to(caption.dtype)
-            caption = torch.where(drop[:, None, None], null, caption)
-        return self.y_proj(caption)
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches of any H x W latent -> tokens, row-major."""
-
-    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, H*W/p^2, D)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-#################################################################################
-#                                  Attention                                    #
-#################################################################################
-
-
-CPU_MATMUL_ATTENTION = 256 * 256
-"""On CPU, attention over at most this many (query, key) pairs per head takes two batched matmuls instead of
-torch's fused kernel, which is built for long sequences: 1.5x faster at the demo's 36 tokens, about even at 256,
-slower from about 576 on (docs/performance.md)."""
-
-ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
-"""``auto``: matmuls on CPU for short sequences, else PyTorch's own choice among its fused kernels, except cuDNN
-when there is a mask; the others force that one SDPA kernel (an error where it has none for the inputs)."""
-
-_FORCED_SDPA = {
-    "flash": [SDPBackend.FLASH_ATTENTION],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-    "cudnn": [SDPBackend.CUDNN_ATTENTION],
-    "math": [SDPBackend.MATH],
-}
-# cuDNN attention with a padding mask has open bugs (NaN in grad_q at some sequence lengths, pytorch issue
-# 196678), and it builds a new graph for every new key length, which masked (caption) attention varies per batch.
-# Without a mask auto leaves PyTorch's choice alone, cuDNN included.
-_MASKED_AUTO_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def _sdpa_kernels(backend: str, masked: bool) -> AbstractContextManager:
-    """The context that restricts SDPA to the kernels ``backend`` allows."""
-    if backend == "auto":
-        return sdpa_kernel(_MASKED_AUTO_SDPA) if masked else nullcontext()
-    if backend not in _FORCED_SDPA:
-        raise ValueError(f"attention backend {backend!r}: valid choices are {', '.join(ATTENTION_BACKENDS)}")
-    return sdpa_kernel(_FORCED_SDPA[backend])
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, backend: str = "auto") -> Tensor:
-    """softmax(q kᵀ / √d) v for (B, tokens, heads, head_dim) inputs -> (B, N, heads * head_dim).
-
-    ``mask`` (B, M) is 1 where a key may be attended to. ``backend`` is one of ``ATTENTION_BACKENDS``. GPUs take
-    PyTorch's fused kernels (flash, memory-efficient, cuDNN), which read this layout as strided views without copies.
-    """
-    B, N, H, d = q.shape
-    M = k.shape[1]
-    if backend == "auto" and q.device.type == "cpu" and N * M <= CPU_MATMUL_ATTENTION:
-        return _matmul_attention(q, k, v, mask)
-    attn_mask = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, M); True = attend
-    with _sdpa_kernels(backend, masked=mask is not None):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-    return out.transpose(1, 2).reshape(B, N, H * d)
-
-
-def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """:func:`attention` as two batched matmuls (CPU, short sequences)."""
-    B, N, H, d = q.shape
-    q, k, v = (t.transpose(1, 2).reshape(B * H, -1, d) for t in (q, k, v))  # heads into the batch
-    if mask is None:
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(d**-0.5)
-    else:  # the padding's additive bias, broadcast over the queries by baddbmm
-        bias = (mask.bool().logical_not() * torch.finfo(q.dtype).min).to(q.dtype).repeat_interleave(H, dim=0)
-        scores = torch.baddbmm(bias[:, None], q, k.transpose(1, 2), alpha=d**-0.5)
-    out = torch.bmm(scores.softmax(dim=-1), v)  # (B * H, N, d)
-    return out.view(B, H, N, d).transpose(1, 2).reshape(B, N, H * d)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (rows ordered q, k, v)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, backend: str = "auto") -> Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)
-        return self.proj(attention(q, k, v, backend=backend))
-
-
-class CrossAttention(nn.Module):
-    """Image tokens attend to caption tokens; ``kv_linear`` rows are ordered k, v."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, y: Tensor, mask: Tensor | None, backend: str = "auto") -> Tensor:
-        B, N, D = x.shape
-        head_dim = D // self.num_heads
-        q = self.q_linear(x).view(B, N, self.num_heads, head_dim)
-        k, v = self.kv_linear(y).view(B, y.shape[1], 2, self.num_heads, head_dim).unbind(2)
-        return self.proj(attention(q, k, v, mask, backend))
-
+from pixart_lightning.models.layers import (
+    CaptionEmbedder,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    SizeEmbedder,
+    TimestepEmbedder,
+)
 
 #################################################################################
 #                                 Core blocks                                   #
@@ -449,8 +258,8 @@ def trim_caption_padding(y: Tensor, mask: Tensor | None, limit: int | None = Non
     width = mask.shape[1]
     keep = min(math.ceil(longest / CAPTION_LENGTH_MULTIPLE) * CAPTION_LENGTH_MULTIPLE, limit or width)
     if keep > width:  # masked zero columns: they change no output
-        y = torch.nn.functional.pad(y, (0, 0, 0, keep - width))
-        mask = torch.nn.functional.pad(mask, (0, keep - width))
+        y = F.pad(y, (0, 0, 0, keep - width))
+        mask = F.pad(mask, (0, keep - width))
     y, mask = y[:, :keep], mask[:, :keep]
     return (y, None) if bool(mask.bool().all()) else (y, mask)
 

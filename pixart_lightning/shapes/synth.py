@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from pixart_lightning.files import atomic_folder
 from pixart_lightning.shapes import world
 
 MANIFEST = "world.json"
@@ -142,21 +141,12 @@ def synthesize(
     if (manifest := _existing(out, params)) is not None:
         print(f"Reusing the shapes world in {out} ({count} samples)")
         return manifest
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename at the end: a half-written folder never looks complete. A random name,
-    # as processes of one job may write the same dataset at once; mkdir, not mkdtemp (0700), keeps the umask.
-    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex}")
-    partial.mkdir()
+    # Written beside the target and renamed at the end: a half-written folder never looks complete.
     try:
-        manifest = _write(partial, params, progress)
-        if out.is_dir():
-            out.rmdir()  # _existing only lets an empty folder through
-        os.rename(partial, out)
-    except OSError:
-        # Another process may have published the same dataset first.
-        if (manifest := _existing(out, params)) is None:
-            raise
+        with atomic_folder(out) as partial:
+            manifest = _write(partial, params, progress)
+    except FileExistsError:
+        # Another process of the job published the same dataset first (_existing raises if it is another one).
+        manifest = _existing(out, params)
         print(f"Reusing the shapes world in {out} ({count} samples)")
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return manifest

@@ -1,1 +1,2 @@
-"""What every stage's training shares below the LightningModule: EMA, parallelism, compilation, FLOP counts."""
+"""What every stage's training shares below the LightningModule: the step's random draws, the optimizer, the
+non-finite guard, EMA, parallelism (checkpointing, compilation, FSDP) and FLOP counts."""

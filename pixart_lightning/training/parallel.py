@@ -1,4 +1,5 @@
-"""Data parallelism: DDP, or FSDP2 (``fully_shard`` per transformer block) through Lightning's ModelParallelStrategy.
+"""Data parallelism: DDP, or FSDP2 (``fully_shard`` per transformer block) through Lightning's ModelParallelStrategy;
+and :func:`parallelize`, the one place that readies the model for a run (activation checkpointing, compile, FSDP).
 
 Why FSDP2 through ``ModelParallelStrategy`` rather than Lightning's ``FSDPStrategy`` (FSDP1):
 
@@ -34,10 +35,13 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from pixart_lightning.config import TrainSection
-from pixart_lightning.files import FileRecord, HashingWriter, note_written
+from pixart_lightning.config import StageConfig, TrainSection
+from pixart_lightning.files import FileRecord, HashingWriter, note_written, publish_folder
+from pixart_lightning.models import PixArt
+from pixart_lightning.training.compilation import compile_blocks
 
 T = TypeVar("T")
 
@@ -111,14 +115,7 @@ class ShardedStrategy(ModelParallelStrategy):
         self.barrier("checkpoint tmp cleared")
         records = self._gather(self._write_shards(checkpoint, tmp))  # rank 0 has them once every rank has written
         if self.global_rank == 0:
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
+            publish_folder(tmp, path, replace=True)
             for name, record in records.items():
                 note_written(path / name, record)
         self.barrier("checkpoint published")
@@ -168,6 +165,40 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def parallelize(model: PixArt, cfg: StageConfig, device: torch.device, mesh: DeviceMesh | None = None,
+                average: PixArt | None = None) -> None:
+    """Ready the training ``model`` for the run as ``cfg.model`` and ``cfg.train`` say, in place.
+
+    The order is torchtitan's (``parallelize_llama``), each step applying to what the one before produced:
+
+    1. activation checkpointing, so that backward recomputes each block's forward;
+    2. ``torch.compile`` of each block, so that what checkpointing recomputes is the compiled block;
+    3. FSDP (with a ``mesh``): ``fully_shard`` per block, whose hooks gather a block's parameters around its
+       compiled forward (outside the graph: FSDP's hooks are hidden from the compiler).
+
+    All three work in place, so the parameter names (checkpoints, the diffusers key map) stay the model's own.
+    ``average``, the EMA copy, is sharded on the same mesh so that the two models' shards pair up; it only
+    samples, so it is neither checkpointed nor compiled. Calling again (Lightning may configure the model more
+    than once) changes nothing.
+    """
+    checkpoint_activations(model, cfg.model.gradient_checkpointing)
+    if cfg.model.compile:
+        compile_blocks(model.blocks, device)
+    if mesh is not None and not is_sharded(model):
+        for module in (model, average):
+            if module is not None:
+                shard(module, cfg.train, mesh, device.type)
+
+
+def checkpoint_activations(model: PixArt, enabled: bool = True) -> None:
+    """Recompute each block's activations in backward instead of keeping them: memory for compute.
+
+    The model's own switch (``torch.utils.checkpoint`` around each block in its forward) rather than torch's
+    ``checkpoint_wrapper``, which would rename every block parameter.
+    """
+    model.gradient_checkpointing = enabled
+
+
 def shard(model: nn.Module, train: TrainSection, mesh, device_type: str) -> None:
     """``fully_shard`` every transformer block, then the rest of the model, as ``train.sharding`` says.
 
@@ -176,7 +207,6 @@ def shard(model: nn.Module, train: TrainSection, mesh, device_type: str) -> None
     between blocks, the caption features and the raw micro-condition sizes stay fp32 (bf16 would turn a size of
     1001 into 1000), and autocast runs the matmuls inside each block in bf16.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if train.sharding == "hybrid":  # replicate across nodes, shard within a node
@@ -212,3 +242,23 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def consolidated(model: PixArt, average: PixArt | None, device: torch.device) -> tuple[PixArt | None, PixArt | None]:
+    """(model, EMA model) as plain, unsharded modules on rank 0, whatever the strategy; unsharded ones are returned
+    as they are, on every rank.
+
+    Collective under FSDP (every rank must call it; the others get ``(None, None)``).
+    """
+    if not is_sharded(model):
+        return model, average
+    plain: list[PixArt | None] = []
+    for module in (model, average):
+        state = full_state_dict(module) if module is not None else {}
+        if module is None or torch.distributed.get_rank() != 0:
+            plain.append(None)
+            continue
+        copy = PixArt(module.cfg)
+        copy.load_state_dict(state)
+        plain.append(copy.to(device).eval())
+    return plain[0], plain[1]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pixart_lightning.data.accounting import TrainingStopped
 from pixart_lightning.data.features import FEATURES_KEY, encode_features
 from pixart_lightning.runner.chain import run
-from stages.base import TrainingStopped
 from tests.test_ingest_extract import write_tar
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stages.base import TrainingStopped
+from pixart_lightning.data.accounting import TrainingStopped
 from tests.multiproc_train import GlobalBatches, small_stage2
 
 

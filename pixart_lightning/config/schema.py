@@ -1,0 +1,360 @@
+"""What each YAML section holds: one dataclass per section, every field documented, fixed choices as Literals.
+
+A field with a fixed set of values is typed by a ``Literal``, the one owner of its choices: validation and its
+messages read them through :func:`literal_fields`, and tuples such as ``PRECISIONS`` are derived from it. Choices
+another package owns (samplers, predictions, attention backends, model sizes) are built into the Literal from that
+package's tuple, so they stay owned there.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Literal
+
+from pixart_lightning.diffusion import PREDICTIONS, SAMPLERS
+from pixart_lightning.encoders.loading import DTYPES
+from pixart_lightning.encoders.text import DEFAULT_T5
+from pixart_lightning.encoders.vae import DEFAULT_VAE, SD_VAE_SCALE
+from pixart_lightning.models.attention import ATTENTION_BACKENDS
+from pixart_lightning.models.config import MODEL_SIZES
+
+Stage = Literal[1, 2, 3]
+Precision = Literal["32", "bf16-mixed"]
+Strategy = Literal["auto", "ddp", "fsdp"]
+Sharding = Literal["full", "grad_op", "hybrid"]
+Extractor = Literal["inception", "tiny"]
+# Built from the tuples of the packages that own these choices:
+TextDtype = Literal[tuple(DTYPES)]  # pixart_lightning.encoders.loading
+ModelSize = Literal[tuple(MODEL_SIZES)]  # pixart_lightning.models.config
+AttentionBackend = Literal[ATTENTION_BACKENDS]  # pixart_lightning.models.attention
+Prediction = Literal[PREDICTIONS]  # pixart_lightning.diffusion
+Sampler = Literal[SAMPLERS]  # pixart_lightning.diffusion
+
+STAGES: tuple[int, ...] = typing.get_args(Stage)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+SHARDINGS: tuple[str, ...] = typing.get_args(Sharding)
+EXTRACTORS: tuple[str, ...] = typing.get_args(Extractor)
+INCEPTION_SIZE = 299
+"""The side, in pixels, clean-fid's Inception-v3 takes its images at."""
+
+type_hints = functools.cache(typing.get_type_hints)
+"""The resolved annotations of a config dataclass (its fields' types), computed once per class."""
+
+
+class ConfigError(ValueError):
+    """Config problems found before training starts; each names the key (once loaded: and where its value is set).
+
+    ``context`` (e.g. ``stage 2``) says which config they belong to.
+    """
+
+    def __init__(self, *problems: str, context: str = ""):
+        self.problems = list(problems)
+        body = problems[0] if len(problems) == 1 else "invalid config:\n  " + "\n  ".join(problems)
+        super().__init__(f"{context}: {body}" if context else body)
+
+
+def literal_fields(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, tuple]]:
+    """``(dotted key, value, choices)`` of each Literal-typed field of ``section`` and of the sections inside it."""
+    for name, hint in type_hints(type(section)).items():
+        key, value = f"{prefix}{name}", getattr(section, name)
+        if typing.get_origin(hint) is Literal:
+            yield key, value, typing.get_args(hint)
+        elif is_dataclass(value):
+            yield from literal_fields(value, f"{key}.")
+
+
+def choice_problem(key: str, value: Any, choices: tuple) -> str:
+    return f"{key}={value!r}: valid choices are {', '.join(map(str, choices))}"
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    size: ModelSize = "PixArt-XL/2"
+    """A named size (``PixArt-XL/2``, ``PixArt-tiny/4``, …); the fields below override it when set."""
+    depth: int | None = None
+    """Transformer blocks (at least 1); None: the size's."""
+    hidden_size: int | None = None
+    """Token width, a multiple of 4 and of ``num_heads`` (and of 3 with stage 3's micro-conditions); None: the
+    size's."""
+    num_heads: int | None = None
+    """Attention heads, dividing ``hidden_size``; None: the size's."""
+    patch_size: int | None = None
+    """Side of a square patch in latent pixels; ``data.resolution`` must be divisible by it x the VAE factor.
+    None: the size's (the number after the slash)."""
+    learn_sigma: bool = True
+    """Also predict the variance interpolation (twice the output channels), as IDDPM, DiT and PixArt do."""
+    num_classes: int = 1000
+    """Stage 1's class count (ImageNet: 1000); ``samples.labels`` must lie in [0, num_classes)."""
+    class_dropout_prob: float = 0.1
+    """Probability of dropping the label (stage 1) or caption (stage 2) for classifier-free guidance; stage 3
+    keeps stage 2's."""
+    interpolation_scale: float | None = None
+    """Position-embedding scale (PixArt's ``lewei_scale``: grid coordinates are divided by it), positive. None follows
+    the official rule, max(latent side // 64, 1): 1 at 256 and 512 px, 2 at 1024 px (DiT's own table at 256 px).
+    Stage 1 started from ``init_from`` keeps the checkpoint's own scale unless this is set."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (after FSDP sharding; eager if compilation is unavailable).
+    Pays off on GPUs; on CPU it was measured slower (docs/performance.md)."""
+    attention_backend: AttentionBackend = "auto"
+    """Attention kernel: ``auto`` (matmuls on CPU for short sequences, else PyTorch's choice, without cuDNN when
+    captions are masked), or one forced SDPA kernel: ``flash``, ``efficient``, ``cudnn``, ``math`` (an error
+    where it has no kernel for the inputs, e.g. ``flash`` with padded captions on a GPU). A setting of this run,
+    not saved with the weights."""
+    init_from: str | None = None
+    """Stage 1 only: a DiT / PixArt checkpoint (file or diffusers folder) to start from."""
+
+
+@dataclass(kw_only=True)
+class DiffusionSection:
+    prediction: Prediction = "epsilon"
+    """What the mean channels predict: ``epsilon`` (the paper) or ``v``."""
+
+
+@dataclass(kw_only=True)
+class TextEncoderSection:
+    name: str = DEFAULT_T5
+    """Hub id or folder of a T5 encoder; ``tiny`` builds the offline demo encoder under the run folder."""
+    max_length: int = 120
+    """Caption tokens kept (longer captions are cut, shorter ones padded): the paper's 120."""
+    dtype: TextDtype = "bf16"
+    """Weights dtype of the frozen encoder."""
+
+
+@dataclass(kw_only=True)
+class VAESection:
+    name: str = DEFAULT_VAE
+    """Hub id or folder of an AutoencoderKL; ``pixel`` trains in pixel space (the demo: no VAE to download)."""
+    scale_factor: float = SD_VAE_SCALE
+    """Latents are multiplied by it for roughly unit variance (the SD VAE's 0.18215)."""
+    sample_posterior: bool = True
+    """Train on a fresh draw from the VAE posterior (PixArt-α), not its mean; same for precomputed latents."""
+
+
+@dataclass(kw_only=True)
+class SynthSection:
+    """The embedded shapes world, written to ``data.shards`` when that folder holds no dataset yet."""
+
+    count: int = 20000
+    """Images to draw (at least 1)."""
+    seed: int = 0
+    """Seeds the scenes: the same seed and count write the same dataset."""
+    two_shape_fraction: float = 0.0
+    """Share of scenes with a second shape, in [0, 1]."""
+    templates: list[int] | None = None
+    """Caption templates to draw from (indices into ``world.TEMPLATES``); None: all."""
+    samples_per_shard: int = 2000
+    """Samples per written ``.tar`` shard (at least 1)."""
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    shards: str = ""
+    """A folder of ``.tar`` shards, a brace pattern (``data/{000000..000099}.tar``) or an image folder; required."""
+    synth: SynthSection | None = None
+    """Draw the shapes world into ``shards`` first when it holds no dataset; None: the data must exist."""
+    resolution: int = 256
+    """Image side in pixels, positive and divisible by patch size x VAE factor (the base size of the
+    aspect-ratio buckets when ``multi_scale``)."""
+    multi_scale: bool = False
+    """Stage 3 only: aspect-ratio buckets (PixArt-α's 0.25-4.0 table scaled to ``resolution``), one bucket per
+    batch."""
+    min_ratio: float = 0.25
+    """Smallest bucket aspect ratio (height / width) kept with ``multi_scale``; at most ``max_ratio``."""
+    max_ratio: float = 4.0
+    """Largest bucket aspect ratio (height / width) kept with ``multi_scale``."""
+    min_aesthetic: float | None = None
+    """Keep only samples whose ``aesthetic`` score (in their json) is at least this."""
+    caption_key: str = "txt"
+    """Which caption trains the text stages: ``txt`` (the dense caption) or a json field name."""
+    batch_size: int = 64
+    """Per-device micro-batch, positive: the most images one device processes in one forward/backward pass."""
+    global_batch_size: int | None = None
+    """Images per optimizer step over all devices (the paper states its batches this way). The runner splits it
+    into per-device micro-batches of at most ``batch_size`` and gradient accumulation, from the world size, so
+    8 GPUs and 64 GPUs train the same recipe. None: ``batch_size`` x world size, no accumulation."""
+    num_workers: int = 2
+    """DataLoader worker processes per device; 0 reads in the training process."""
+    shuffle_buffer: int = 1000
+    """Most samples a worker holds back for shuffling (an upper bound beside ``shuffle_buffer_mb``)."""
+    shuffle_buffer_mb: float = 512.0
+    """Most decoded data (MiB of tensors and images) a worker's shuffle buffer holds: each worker of each rank has
+    one, so a node holds about workers x GPUs x this. At T5-XXL's 120 x 4096 bf16 features (about 1 MB a
+    sample) 512 MiB is about 500 samples."""
+    seed: int = 0
+    """Seeds the shard order of each epoch, the shuffle buffers and the bucket schedule."""
+    max_bad_fraction: float = 0.05
+    """Stop with a report when more than this share (in [0, 1]) of the samples read is bad (undecodable, no
+    caption, ...); filters (``min_aesthetic``) do not count."""
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 2e-5
+    """AdamW's peak learning rate, positive (reached after ``warmup_steps``); see ``scale_lr``."""
+    scale_lr: bool = False
+    """Multiply ``lr`` by sqrt(global batch / 256), as the official PixArt-α configs' ``auto_lr`` does (×6.7 at
+    stage 2's 11,392); the paper states a plain 2e-5. ``StageConfig.learning_rate()`` is the result."""
+    weight_decay: float = 0.03
+    """AdamW's decoupled weight decay."""
+    eps: float = 1e-10
+    """AdamW's epsilon."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's two moment decay rates."""
+    warmup_steps: int = 1000
+    """Optimizer steps of linear warm-up to ``lr``, then constant (0 or 1: none)."""
+    grad_clip: float = 0.01
+    """Max gradient norm; 0 turns clipping off."""
+    ema_rate: float = 0.9999
+    """EMA of the weights, kept in fp32 outside the optimizer, in [0, 1); 0 turns it off."""
+    ema_warmup: bool = False
+    """Warm the EMA rate up as min(ema_rate, (1 + n) / (10 + n)) over the stage's n updates, so a short run
+    forgets its starting weights; False keeps the rate constant, as the official code does."""
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    max_steps: int = 1000
+    """Optimizer steps this stage (or phase) trains, positive."""
+    precision: Precision = "bf16-mixed"
+    """``bf16-mixed`` keeps fp32 master weights (with FSDP: sharded fp32 weights, bf16 all-gathers), or ``32``.
+    ``16-mixed`` is refused: its loss scaling does not fit the clipping and the non-finite guard."""
+    accelerator: str = "auto"
+    """Lightning's accelerator (``auto``, ``cpu``, ``gpu``, ...)."""
+    devices: int = 1
+    """Processes (GPUs) per node, at least 1."""
+    num_nodes: int = 1
+    """Nodes, at least 1; the world size is ``devices`` x ``num_nodes``."""
+    strategy: Strategy = "auto"
+    """``auto`` (one device, else DDP), ``ddp``, or ``fsdp`` (FSDP2 ``fully_shard`` per transformer block)."""
+    sharding: Sharding = "full"
+    """FSDP: ``full`` (params, grads and optimizer state sharded; params re-gathered for backward),
+    ``grad_op`` (params kept gathered between forward and backward), ``hybrid`` (full within a node,
+    replicated across nodes; needs ``num_nodes`` >= 2)."""
+    sharded_checkpoint: bool = True
+    """FSDP: each rank writes its shard (a folder); False gathers one file on rank 0."""
+    peak_tflops: float | None = None
+    """The accelerator's dense bf16 peak for MFU (default: looked up from the GPU's name; none on CPU)."""
+    max_nonfinite_steps: int = 10
+    """A step with a non-finite gradient is skipped (no optimizer or EMA update); this many (at least 1) in a row
+    stop the run and save a debug checkpoint."""
+    seed: int = 0
+    """``seed_everything`` at the start of the stage: the fresh parts of the model, then the training noise."""
+    log_every: int = 50
+    """Steps between logged metrics (and progress-bar refreshes)."""
+    checkpoint_every: int = 1000
+    """Steps between resumable checkpoints (``checkpoints/step-N.ckpt``, written atomically, sha256 recorded),
+    positive."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints stay on disk, at least 1 (a damaged newest one falls back to the one
+    before)."""
+    threads: int | None = None
+    """torch CPU threads (None leaves torch's default)."""
+    progress_bar: bool = True
+    """Show a progress bar on the console."""
+
+
+@dataclass(kw_only=True)
+class SamplesSection:
+    """The fixed-prompt sample grid logged to TensorBoard and saved as PNG."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Stage 2-3 prompts; stage 1 uses ``labels``."""
+    labels: list[int] = field(default_factory=list)
+    """Stage 1's class labels, each in [0, ``model.num_classes``)."""
+    seed: int = 0
+    """Seeds the starting noise: every grid of a run starts from the same noise."""
+    every_n_steps: int = 0
+    """0: only at the end of the stage."""
+    cfg_scales: list[float] = field(default_factory=lambda: [4.5])
+    """Classifier-free guidance scales, one grid row each (1.0: no guidance)."""
+    sampler: Sampler = "dpm++"
+    """The sampler drawing the grid."""
+    steps: int = 20
+    """Sampler steps."""
+    use_ema: bool = True
+    """Sample with the EMA weights (when ``optim.ema_rate`` keeps them); also for the alignment eval."""
+    scale: int = 1
+    """Enlarge the saved PNG grid (nearest neighbour) for tiny demo images."""
+    decode_batch: int = 8
+    """Images the VAE decodes at once (also for the alignment eval); 0: all of a batch. One full-size activation of
+    the SD VAE's decoder (128 channels) takes 0.5 GB per 1024-px image in fp32."""
+
+
+@dataclass(kw_only=True)
+class EvalSection:
+    alignment_prompts: int = 0
+    """Shapes-world prompts (wording never seen in training) scored at the end of the stage; 0: off."""
+    seed: int = 0
+    """Draws the alignment prompts and their starting noise."""
+    cfg_scale: float = 4.5
+    """Classifier-free guidance scale of the alignment samples."""
+
+
+@dataclass(kw_only=True)
+class FIDSection:
+    """What pins an FID measurement (``pixart_lightning/evaluation/fid.py``, ``callbacks/fid.py``); FID is off
+    without a ``reference``."""
+
+    every_n_steps: int = 0
+    """0: at the end of the stage only."""
+    at_start: bool = False
+    """Also measure before the first step, so a stage's starting FID is recorded."""
+    num_images: int = 30000
+    """Images generated (one per caption), at least 2."""
+    captions: str = ""
+    """Caption file (JSON list of {"id", "caption"[, "label"]}, COCO captions JSON, or .txt one per line) or a
+    shard/image folder; empty: the captions of the ``reference`` samples."""
+    caption_key: str = "txt"
+    """Caption of a shard sample: a tar member (``txt``) or a json field."""
+    seed: int = 0
+    """Draws the pinned subset when there are more captions than ``num_images``; chunk ``c`` samples with ``seed + c``."""
+    reference: str = ""
+    """Real images: a folder of shards, a shard pattern or an image folder; empty: FID off."""
+    reference_count: int = 0
+    """Use the first N reference images (in source order), at least 2; 0: all."""
+    extractor: Extractor = "inception"
+    """``inception`` (clean-fid's Inception-v3, from ``inception_weights``) or ``tiny`` (offline, hand-made)."""
+    inception_weights: str = ""
+    """``inception-2015-12-05.pt`` or its folder; empty: ~/.cache/pixart-lightning/ or clean-fid's /tmp copy."""
+    resize: int = INCEPTION_SIZE
+    """Side, in pixels, images are resized to before the extractor (Inception: 299 only)."""
+    batch_size: int = 32
+    """Images generated per batch, at least 1."""
+    decode_batch: int = 8
+    """Images the VAE decodes at once; 0: the whole ``batch_size``. One full-size activation of the SD VAE's decoder
+    (128 channels) takes 0.5 GB per 1024-px image in fp32: 17 GB for a batch of 32 at once."""
+    sampler: Sampler = "dpm++"
+    """The sampler generating the images."""
+    steps: int = 20
+    """Sampler steps, at least 1."""
+    cfg_scale: float = 4.5
+    """Classifier-free guidance scale."""
+    cache_dir: str = ""
+    """Where reference statistics are cached; empty: ~/.cache/pixart-lightning/fid."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.reference)
+
+    def problems(self, prefix: str = "fid") -> list[str]:
+        """Every invalid field, named ``<prefix>.<field>`` (for the config's one-go validation)."""
+        found = [choice_problem(key, value, choices)
+                 for key, value, choices in literal_fields(self, f"{prefix}.") if value not in choices]
+        for name, least in (("num_images", 2), ("batch_size", 1), ("steps", 1), ("resize", 1)):
+            if getattr(self, name) < least:
+                found.append(f"{prefix}.{name}={getattr(self, name)}: must be at least {least}")
+        if self.every_n_steps < 0:
+            found.append(f"{prefix}.every_n_steps={self.every_n_steps}: must be 0 (end of stage only) or positive")
+        if self.decode_batch < 0:
+            found.append(f"{prefix}.decode_batch={self.decode_batch}: must be 0 (the whole batch) or positive")
+        if self.reference_count == 1 or self.reference_count < 0:
+            found.append(f"{prefix}.reference_count={self.reference_count}: must be 0 (all images) or at least 2")
+        if self.extractor == "inception" and self.resize != INCEPTION_SIZE:
+            found.append(f"{prefix}.resize={self.resize}: the Inception extractor takes {INCEPTION_SIZE} x {INCEPTION_SIZE}")
+        return found

@@ -1,0 +1,110 @@
+"""Every check a loaded config must pass before any work starts, reported together."""
+
+from __future__ import annotations
+
+import math
+
+from pixart_lightning.config.schema import ConfigError, choice_problem, literal_fields
+from pixart_lightning.config.stage import StageConfig
+from pixart_lightning.models.config import MODEL_SIZES, PixArtConfig
+
+FP16_PRECISIONS = ("16-mixed", "16")
+FP16_REFUSED = ("train.precision='16-mixed' is not supported: its loss scaler hands scaled gradients to the "
+                "clipping and the non-finite guard (fused AdamW unscales only inside its kernel), so the clip "
+                "and the skip counts would be wrong; use bf16-mixed (A100, H100 and newer) or 32 (V100)")
+
+
+def _choice_problems(cfg: StageConfig) -> list[str]:
+    """Each Literal-typed field holding a value outside its choices; fp16 is told why it is refused."""
+    found = []
+    for key, value, choices in literal_fields(cfg):
+        if value in choices or key.startswith("fid."):  # fid.problems() names its own (evaluation.fid uses it alone)
+            continue
+        refused = key == "train.precision" and value in FP16_PRECISIONS
+        found.append(FP16_REFUSED if refused else choice_problem(key, value, choices))
+    return found
+
+
+def _range_problems(cfg: StageConfig) -> list[str]:
+    """Values outside their valid range, each on its own."""
+    found = []
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        found.append(f"data.max_bad_fraction={cfg.data.max_bad_fraction}: must be in [0, 1]")
+    if cfg.train.keep_checkpoints < 1:
+        found.append(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be at least 1")
+    if cfg.train.max_nonfinite_steps < 1:
+        found.append(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}: must be at least 1")
+    if cfg.train.devices < 1 or cfg.train.num_nodes < 1:
+        found.append("train.devices and train.num_nodes must be at least 1")
+    if not cfg.data.shards:
+        found.append("data.shards is empty: give a shard folder, a brace pattern or an image folder")
+    for key, value in [("data.batch_size", cfg.data.batch_size), ("train.max_steps", cfg.train.max_steps),
+                       ("data.resolution", cfg.data.resolution), ("train.checkpoint_every", cfg.train.checkpoint_every)]:
+        if value <= 0:
+            found.append(f"{key}={value}: must be positive")
+    if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
+        found.append(f"optim.lr={cfg.optim.lr}: must be a positive number")
+    if not 0 <= cfg.optim.ema_rate < 1:
+        found.append(f"optim.ema_rate={cfg.optim.ema_rate}: must be in [0, 1)")
+    if cfg.model.interpolation_scale is not None and cfg.model.interpolation_scale <= 0:
+        found.append(f"model.interpolation_scale={cfg.model.interpolation_scale}: must be positive (or null)")
+    bad_labels = [label for label in cfg.samples.labels if not 0 <= label < cfg.model.num_classes]
+    if bad_labels:
+        found.append(f"samples.labels {bad_labels} are outside [0, model.num_classes={cfg.model.num_classes})")
+    return found
+
+
+def _batch_problems(cfg: StageConfig) -> list[str]:
+    """Whether the global batch splits over the devices (checked once the values it needs are valid)."""
+    if cfg.data.global_batch_size is not None and cfg.data.global_batch_size <= 0:
+        return [f"data.global_batch_size={cfg.data.global_batch_size}: must be positive (or null)"]
+    if cfg.data.batch_size > 0 and cfg.train.devices > 0 and cfg.train.num_nodes > 0:
+        try:
+            cfg.batch_plan()
+        except ConfigError as err:
+            return [str(err)]
+    return []
+
+
+def _model_problems(cfg: StageConfig) -> list[str]:
+    """Whether the resolution fits the patch and VAE grid, and the backbone config builds."""
+    if cfg.model.size not in MODEL_SIZES:
+        return []  # a choice problem already
+    patch = cfg.model.patch_size or PixArtConfig.from_name(cfg.model.size).patch_size
+    if cfg.data.resolution % (patch * cfg.latent_factor):
+        # key=value pairs, so that the origins listed after the problem name where the patch size was set
+        patch_text = (f"model.patch_size={patch}" if cfg.model.patch_size
+                      else f"patch size {patch} (model.size={cfg.model.size})")
+        return [f"data.resolution={cfg.data.resolution} is not divisible by {patch_text} x VAE factor "
+                f"{cfg.latent_factor} (vae.name={cfg.vae.name})"]
+    try:
+        cfg.pixart_config()
+    except ValueError as err:
+        return [f"model: {err}"]
+    return []
+
+
+def _combination_problems(cfg: StageConfig) -> list[str]:
+    """Settings that are valid alone but not together."""
+    found = []
+    if cfg.train.sharding == "hybrid" and cfg.train.strategy == "fsdp" and cfg.train.num_nodes < 2:
+        found.append("train.sharding=hybrid replicates across nodes: it needs train.num_nodes >= 2")
+    if cfg.model.init_from and cfg.stage != 1:
+        found.append("model.init_from is for stage 1; stages 2 and 3 start from the previous stage's weights")
+    if cfg.data.min_ratio > cfg.data.max_ratio:
+        found.append(f"data.min_ratio={cfg.data.min_ratio} is above data.max_ratio={cfg.data.max_ratio}")
+    if cfg.data.multi_scale and cfg.stage != 3:
+        found.append("data.multi_scale is stage 3's (aspect-ratio buckets and micro-conditions)")
+    for i, phase in enumerate(cfg.phases):
+        if "name" not in phase:
+            found.append(f"phases[{i}] needs a name (it names the sub-run folder)")
+    return found
+
+
+def validate(cfg: StageConfig) -> StageConfig:
+    """Collect every problem, then raise once (so a user fixes them in one go)."""
+    problems = [*_choice_problems(cfg), *cfg.fid.problems(), *_range_problems(cfg), *_batch_problems(cfg),
+                *_model_problems(cfg), *_combination_problems(cfg)]
+    if problems:
+        raise ConfigError(*problems)
+    return cfg

@@ -1,0 +1,105 @@
+"""What a unit records: its ``manifest.json``, the handoff weights and alignment at its end, the run's summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from callbacks.fid import RECORDS as FID_RECORDS
+from pixart_lightning.config import BatchPlan
+from pixart_lightning.evaluation.alignment import alignment
+from pixart_lightning.files import sha256, write_json_atomic
+from pixart_lightning.interop import save_weights
+from pixart_lightning.models import PixArt
+from pixart_lightning.runner.unit import FINAL, FINAL_EMA, MANIFEST, Unit
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically; in a multi-process run only rank 0 writes."""
+    if rank_zero_only.rank == 0:
+        write_json_atomic(path, payload)
+
+
+def start_manifest(
+    unit: Unit, text_path: str | None, parent: dict[str, str] | None, batches: BatchPlan, wall_time_s: float
+) -> dict[str, Any]:
+    """The manifest of a unit that starts (or resumes, after ``wall_time_s`` of training): what it trains on and
+    from (``parent``: path and sha256 of the weights it starts from), written as ``running``."""
+    cfg = unit.cfg
+    manifest = {
+        "stage": unit.stage, "phase": unit.phase, "status": "running", "config": str(unit.dir / "config.yaml"),
+        "parent": parent, "text_encoder": text_path, "text_max_length": cfg.text_encoder.max_length,
+        "text_dtype": cfg.text_encoder.dtype, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
+        "resolution": cfg.data.resolution, "max_steps": cfg.train.max_steps, "learning_rate": cfg.learning_rate(),
+        "batch": dataclasses.asdict(batches) | {"global": batches.global_batch},
+        "wall_time_s": wall_time_s,
+    }
+    write_json(unit.dir / MANIFEST, manifest)
+    return manifest
+
+
+def record_training(unit: Unit, manifest: dict[str, Any], skipped: dict[str, int]) -> None:
+    """Add what training left to the manifest: the skipped samples and the FID records, if any."""
+    manifest["skipped_samples"] = skipped
+    if (unit.dir / FID_RECORDS).is_file():
+        records = json.loads((unit.dir / FID_RECORDS).read_text())
+        manifest["fid"] = [{"step": r["step"], "fid": r["fid"]} for r in records]
+
+
+def finish(
+    unit: Unit, trainer: L.Trainer, model: PixArt, ema: PixArt | None, manifest: dict[str, Any], vae, encoder
+) -> None:
+    """Save the handoff weights (plain, unsharded models), score alignment if asked, mark the unit done."""
+    cfg = unit.cfg
+    outputs = {"final": save_weights(model, unit.dir / FINAL, cfg.diffusion.prediction)}
+    if ema is not None:
+        outputs["ema"] = save_weights(ema, unit.dir / FINAL_EMA, cfg.diffusion.prediction)
+    manifest["weights"] = {name: {"path": str(p), "sha256": sha256(p)} for name, p in outputs.items()}
+    if cfg.eval.alignment_prompts:
+        scored = ema if cfg.samples.use_ema and ema is not None else model
+        manifest["alignment"] = _score_alignment(unit, trainer, scored, vae, encoder)
+    manifest["status"] = "done"
+    manifest["steps"] = cfg.train.max_steps
+    write_json(unit.dir / MANIFEST, manifest)
+    print(f"{unit.label}: done in {manifest['wall_time_s']:.0f} s -> {unit.dir / FINAL}\n"
+          f"  samples: {unit.dir / 'samples'}   TensorBoard: tensorboard --logdir {cfg.run_dir}", flush=True)
+
+
+def _score_alignment(unit: Unit, trainer: L.Trainer, model: PixArt, vae, encoder) -> dict[str, float]:
+    """The embedded world's caption alignment of the final model, to ``alignment.json`` and TensorBoard."""
+    cfg = unit.cfg
+    result = alignment(
+        model, vae, encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed, height=cfg.data.resolution,
+        width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
+        cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction, precision=trainer.precision,
+        decode_batch=cfg.samples.decode_batch,
+    )
+    write_json(unit.dir / "alignment.json", result)
+    for logger in trainer.loggers:
+        logger.log_metrics({f"eval/{k}": v for k, v in result.items() if k.endswith("accuracy")}, trainer.global_step)
+        logger.save()
+    print(f"{unit.label}: alignment {result['alignment']:.2f} "
+          f"(background {result['background_accuracy']:.2f}, shape colour {result['shape_accuracy']:.2f})")
+    return result
+
+
+def print_summary(units: list[Unit]) -> None:
+    """One line per unit: wall time, alignment (embedded world) and where to look (rank 0 prints)."""
+    if rank_zero_only.rank != 0:
+        return
+    print("\nsummary:")
+    for unit in units:
+        m = unit.manifest()
+        score = m.get("alignment", {}).get("alignment")
+        fids = " -> ".join(f"{r['fid']:.1f}" for r in m.get("fid", []))
+        print(f"  {unit.label:16s} {m.get('wall_time_s', 0):7.0f} s   "
+              + (f"alignment {score:.2f}   " if score is not None else "")
+              + (f"FID {fids}   " if fids else "")
+              + f"samples: {unit.dir / 'samples' / 'final.png'}")
+    if units:
+        print(f"  TensorBoard: tensorboard --logdir {units[0].cfg.run_dir}   (or: make tensorboard)")

@@ -1,0 +1,26 @@
+"""The optimizer every stage trains with: AdamW after a linear learning-rate warm-up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pixart_lightning.config import StageConfig
+
+
+def build_optimizer(parameters: Iterable[nn.Parameter], cfg: StageConfig) -> dict[str, Any]:
+    """AdamW at ``cfg.learning_rate()``, warmed up linearly over ``optim.warmup_steps``, as Lightning's
+    ``configure_optimizers`` returns it (the schedule stepped every optimizer step)."""
+    o = cfg.optim
+    parameters = list(parameters)
+    hyper = {"lr": cfg.learning_rate(), "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    try:  # one kernel for all parameters, and it can skip a non-finite step on the device
+        optimizer = torch.optim.AdamW(parameters, fused=True, **hyper)
+    except RuntimeError:  # fused needs float parameters on a device with the kernel
+        optimizer = torch.optim.AdamW(parameters, foreach=True, **hyper)
+    warmup = max(1, o.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
