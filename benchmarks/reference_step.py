@@ -34,7 +34,7 @@ class DiffusersStep:
                                            weight_decay=o.weight_decay)
         self.ema = EMAModel(model.parameters(), decay=o.ema_rate) if o.ema_rate > 0 else None
         self.null = module.model.y_embedder.y_embedding.detach().to(device)
-        self.vae = module.vae
+        self.vae = module.encoders.vae
         self.drop_prob = module.model.cfg.class_dropout_prob
 
     def __call__(self, batch: dict[str, Any]) -> None:

@@ -46,7 +46,8 @@ from benchmarks.reference_step import DiffusersStep, reference_model  # noqa: E4
 from callbacks.checkpoints import Checkpoints  # noqa: E402
 from pixart_lightning.config import StageConfig, load_stage  # noqa: E402
 from pixart_lightning.data.buckets import bucket_table, nearest_bucket  # noqa: E402
-from pixart_lightning.encoders.vae import VAE, PixelSpace  # noqa: E402
+from pixart_lightning.encoders.text import TINY_T5  # noqa: E402
+from pixart_lightning.encoders.vae import PIXEL_SPACE, VAE, PixelSpace  # noqa: E402
 from pixart_lightning.gpu_check.memory import (  # noqa: E402
     is_out_of_memory,
     peak_gib,
@@ -219,7 +220,7 @@ class Bench:
 
     def flops_per_image(self) -> float:
         return flops.train_flops_per_image(self.module.model.cfg, self.height, self.width,
-                                           self.module.vae.downsample_factor, caption_tokens=self.tokens)
+                                           self.module.encoders.vae.downsample_factor, caption_tokens=self.tokens)
 
 
 def prepare(setup: Setup, variant: Variant, folder: Path) -> Bench:
@@ -228,8 +229,8 @@ def prepare(setup: Setup, variant: Variant, folder: Path) -> Bench:
     cfg = stage_config(setup, variant)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    pixel_space = cfg.vae.name == "pixel"
-    caption_channels = setup.caption_channels or (32 if cfg.text_encoder.name == "tiny" else 4096)
+    pixel_space = cfg.vae.name == PIXEL_SPACE
+    caption_channels = setup.caption_channels or (32 if cfg.text_encoder.name == TINY_T5 else 4096)
     tokens = setup.tokens or cfg.text_encoder.max_length
     stage_cls = STAGE_MODULES[setup.stage]
     L.seed_everything(0, verbose=False)

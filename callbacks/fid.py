@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from tqdm.auto import tqdm
 
 from callbacks.steps import interim_step_ended
 from pixart_lightning.config import FIDSection
@@ -59,10 +60,10 @@ class FIDCallback(L.Callback):
             self._extractor = load_extractor(self.settings, pl_module.device)
         model = pl_module.sampling_model(use_ema=True)
         if model.cfg.mode == "text":  # stored once; only rank 0 loads T5, and only for captions not stored yet
-            pl_module.prepare_prompts([c.caption for c in self.captions])
+            pl_module.encoders.prepare_prompts([c.caption for c in self.captions], trainer.strategy)
         resolution = pl_module.cfg.data.resolution
         record = evaluate_fid(
-            model, pl_module.vae, pl_module.prompt_encoder, self.settings,
+            model, pl_module.encoders.vae, pl_module.encoders.prompt_encoder, self.settings,
             height=resolution, width=resolution, prediction=pl_module.cfg.diffusion.prediction, captions=self.captions,
             extractor=self._extractor, rank=trainer.global_rank, world_size=trainer.world_size, device=pl_module.device,
             ids_file=self.out_dir / CAPTION_IDS, precision=trainer.precision, progress=self.progress,
@@ -74,6 +75,7 @@ class FIDCallback(L.Callback):
             logger.log_metrics({"eval/fid": record["fid"]}, step=trainer.global_step)
             logger.save()
         append_record(self.out_dir / RECORDS, record)
-        print(f"step {trainer.global_step}: FID {record['fid']:.2f} ({record['num_images']} images, "
-              f"{record['extractor']['name']}, {sum(record['seconds'].values()):.0f} s)", flush=True)
+        with tqdm.external_write_mode():  # above the training bar, which is open for a measurement every N steps
+            print(f"step {trainer.global_step}: FID {record['fid']:.2f} ({record['num_images']} images, "
+                  f"{record['extractor']['name']}, {sum(record['seconds'].values()):.0f} s)", flush=True)
         return record

@@ -13,6 +13,7 @@ from PIL import Image
 from callbacks.steps import interim_step_ended
 from pixart_lightning.config import SamplesSection
 from pixart_lightning.evaluation.generate import save_grid
+from pixart_lightning.evaluation.stage_samples import sample_images
 from pixart_lightning.training.parallel import is_sharded
 
 
@@ -40,9 +41,10 @@ class SampleGrid(L.Callback):
         if not conditions or not (trainer.is_global_zero or is_sharded(pl_module.model)):
             return None
         key = "prompts" if self.text_mode else "labels"
+        model = pl_module.sampling_model(self.cfg.use_ema)
         rows = [
-            pl_module.sample_images(**{key: list(conditions)}, cfg_scale=scale, seed=self.cfg.seed,
-                                    use_ema=self.cfg.use_ema)
+            sample_images(model, pl_module.encoders, pl_module.cfg, trainer.precision, **{key: list(conditions)},
+                          cfg_scale=scale, seed=self.cfg.seed)
             for scale in self.cfg.cfg_scales
         ]
         images = torch.cat(rows)

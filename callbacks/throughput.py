@@ -24,7 +24,7 @@ def batch_geometry(pl_module: L.LightningModule, batch: dict[str, Any]) -> tuple
     """(latent height, latent width, caption tokens) of a batch as the backbone sees it.
 
     Read from tensor shapes only, so no device sync: precomputed ``latent_mean`` (B, C, h, w), else
-    ``pixels`` (B, 3, H, W) over the module's ``vae.downsample_factor``. The caption length is the
+    ``pixels`` (B, 3, H, W) over the module's ``encoders.vae.downsample_factor``. The caption length is the
     batch's ``caption_features`` width (padded to its longest caption), else the model's maximum (captions
     encoded on the fly, an upper bound); 0 in class mode.
     """
@@ -32,7 +32,7 @@ def batch_geometry(pl_module: L.LightningModule, batch: dict[str, Any]) -> tuple
     if "latent_mean" in batch:
         h, w = batch["latent_mean"].shape[-2:]
     else:
-        factor = pl_module.vae.downsample_factor
+        factor = pl_module.encoders.vae.downsample_factor
         h, w = (side // factor for side in batch["pixels"].shape[-2:])
     if cfg.mode == "class":
         caption = 0

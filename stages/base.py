@@ -2,7 +2,8 @@
 
 A stage subclass says only what differs: how its model is made from the previous stage's
 (:meth:`DiffusionStage.initial_model`) and what the model is conditioned on (:meth:`DiffusionStage.conditioning`).
-The step's parts live in ``training/`` (draws, non-finite guard, optimizer, parallelize) and ``data/accounting.py``.
+The step's parts live in ``training/`` (draws, non-finite guard, optimizer, parallelize) and ``data/accounting.py``;
+the frozen encoders in ``encoders/frozen.py``; generation while training in ``evaluation/stage_samples.py``.
 """
 
 from __future__ import annotations
@@ -17,24 +18,22 @@ from torch import Tensor
 from pixart_lightning.config import StageConfig
 from pixart_lightning.data.accounting import SampleAccount
 from pixart_lightning.diffusion import create_diffusion
+from pixart_lightning.encoders.frozen import FrozenEncoders
 from pixart_lightning.encoders.text import LazyTextEncoder, PromptFeatures, T5TextEncoder
 from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
-from pixart_lightning.evaluation.generate import generate
+from pixart_lightning.evaluation.stage_samples import generation_prompts
 from pixart_lightning.models import PixArt
-from pixart_lightning.shapes import world
 from pixart_lightning.training import parallel
 from pixart_lightning.training.draws import Slot, StepDraws
 from pixart_lightning.training.ema import EMA
 from pixart_lightning.training.nonfinite import NonFiniteGuard
 from pixart_lightning.training.optim import build_optimizer
-
-
-class ResumeError(ValueError):
-    """A checkpoint that this run cannot continue from as it is configured."""
+from stages.resume import check_world_size, record_world_size
 
 
 class DiffusionStage(L.LightningModule):
-    """Holds the backbone as ``self.model`` and its average as ``self.ema``; encoders stay unregistered."""
+    """Holds the backbone as ``self.model``, its average as ``self.ema`` and the frozen encoders, unregistered, as
+    ``self.encoders``; the skipped samples are counted in ``self.account``, the skipped steps in ``self.nonfinite``."""
 
     def __init__(
         self,
@@ -44,16 +43,14 @@ class DiffusionStage(L.LightningModule):
         text_encoder: T5TextEncoder | LazyTextEncoder | None = None,
         prompt_features: PromptFeatures | None = None,
     ):
-        """``prompt_features``: where generation reads its prompts' T5 features (when the data hold caption features,
-        so that T5 is loaded only to encode those prompts); without it, generation encodes with ``text_encoder``."""
+        """The encoders as :class:`FrozenEncoders` takes them."""
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.model.attention_backend = cfg.model.attention_backend
         self.ema = EMA(model, cfg.optim.ema_rate, cfg.optim.ema_warmup) if cfg.optim.ema_rate > 0 else None
         self.diffusion = create_diffusion(learn_sigma=model.cfg.learn_sigma, prediction=cfg.diffusion.prediction)
-        # Frozen encoders are not submodules: they must not land in checkpoints or the optimizer.
-        self.frozen = {"vae": vae, "text_encoder": text_encoder, "prompt_features": prompt_features}
+        self.encoders = FrozenEncoders(vae, text_encoder, prompt_features)
         self.account = SampleAccount(cfg.data.max_bad_fraction)
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self._params: list[Tensor] | None = None  # the backbone's parameters, listed once (after any sharding)
@@ -69,44 +66,15 @@ class DiffusionStage(L.LightningModule):
         """The model's keyword inputs (besides x and t) for a batch."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ parts
-    @property
-    def vae(self) -> VAE | LazyVAE | PixelSpace:
-        return self.frozen["vae"]
-
-    @property
-    def text_encoder(self) -> T5TextEncoder | LazyTextEncoder | None:
-        return self.frozen["text_encoder"]
-
-    @property
-    def prompt_encoder(self) -> PromptFeatures | T5TextEncoder | LazyTextEncoder | None:
-        """What generation (samples, FID, alignment) encodes its prompts with."""
-        return self.frozen["prompt_features"] or self.text_encoder
-
+    # ------------------------------------------------------------------ weights
     @property
     def averaged(self) -> PixArt | None:
         """The EMA copy of the backbone, when the stage keeps one."""
         return self.ema.model if self.ema is not None else None
 
-    @property
-    def skipped(self) -> dict[str, int]:
-        """Samples the loader skipped so far, by reason."""
-        return self.account.skipped
-
-    @property
-    def nonfinite_steps(self) -> dict[str, int]:
-        """Steps skipped for a non-finite gradient: in all, and in a row up to now (reads the device)."""
-        return self.nonfinite.steps
-
-    def prepare_prompts(self, prompts: list[str]) -> None:
-        """Collective: rank 0 stores the features of the prompts not stored yet (loading T5 for them only, then
-        freeing it) while the other ranks wait; after it, every rank reads them and none but rank 0 ever loads T5."""
-        store = self.frozen["prompt_features"]
-        if store is None or not prompts:
-            return
-        if self.global_rank == 0:
-            store.fill(prompts)
-        self.trainer.strategy.barrier("prompt features")
+    def sampling_model(self, use_ema: bool = True) -> PixArt:
+        """The weights to generate from: the EMA copy when kept and ``use_ema``, else the trained backbone."""
+        return self.averaged if use_ema and self.ema is not None else self.model
 
     # ------------------------------------------------------------------ Lightning hooks around training
     def configure_model(self) -> None:
@@ -116,25 +84,15 @@ class DiffusionStage(L.LightningModule):
         parallel.parallelize(self.model, self.cfg, self.device, mesh, average=self.averaged)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["world_size"] = self.trainer.world_size
+        record_world_size(checkpoint, self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The data position and the per-rank data split depend on the number of processes: refuse another."""
-        saved = checkpoint.get("world_size", 1)
-        if saved != self.trainer.world_size:
-            raise ResumeError(
-                f"this stage's checkpoint was written by {saved} processes and this run has {self.trainer.world_size}; "
-                f"resume with train.devices x train.num_nodes = {saved}, or delete the stage folder's checkpoints/ "
-                "to restart the stage (its parent's weights are not affected)"
-            )
+        check_world_size(checkpoint, self.trainer.world_size)
 
     def on_fit_start(self) -> None:
-        for module in (self.vae, self.text_encoder):
-            if module is not None:
-                module.to(self.device)
-        if self.cfg.text_mode:  # the sample grid's and the alignment eval's prompts, in one T5 load at most
-            scenes = world.alignment_prompts(self.cfg.eval.alignment_prompts, self.cfg.eval.seed)
-            self.prepare_prompts([*self.cfg.samples.prompts, *(caption for caption, _ in scenes)])
+        self.encoders.to(self.device)
+        if self.cfg.text_mode:
+            self.encoders.prepare_prompts(generation_prompts(self.cfg), self.trainer.strategy)
 
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
         """Move the batch's tensors, and only those (keys and counts stay on the host), without blocking: from
@@ -157,14 +115,15 @@ class DiffusionStage(L.LightningModule):
     def latents(self, batch: dict[str, Any]) -> Tensor:
         """Scaled latents of the batch: the VAE posterior, from precomputed moments or encoded on the fly,
         sampled (``vae.sample_posterior``) or its mean. Both sources draw the same noise at the same step."""
+        vae = self.encoders.vae
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(self.device).float(), batch["latent_std"].to(self.device).float()
         else:
-            mean, std = (m.float() for m in self.vae.encode_posterior(batch["pixels"].to(self.device, self.vae.dtype)))
+            mean, std = (m.float() for m in vae.encode_posterior(batch["pixels"].to(self.device, vae.dtype)))
         # Pixel space has no posterior to sample (std 0): no draw on its hot path.
-        sample = self.cfg.vae.sample_posterior and not isinstance(self.vae, PixelSpace)
+        sample = self.cfg.vae.sample_posterior and not isinstance(vae, PixelSpace)
         noise = self._draws().posterior_noise(tuple(mean.shape)) if sample else None
-        return self.vae.latents_from_posterior(mean, std, noise)
+        return vae.latents_from_posterior(mean, std, noise)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.account.add(batch, self._trainer.datamodule if self._trainer is not None else None)
@@ -208,29 +167,3 @@ class DiffusionStage(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self.model.parameters(), self.cfg)
-
-    # ------------------------------------------------------------------ sampling and export
-    def sampling_model(self, use_ema: bool = True) -> PixArt:
-        return self.averaged if use_ema and self.ema is not None else self.model
-
-    def consolidated(self) -> tuple[PixArt | None, PixArt | None]:
-        """(model, EMA model) as plain modules on rank 0 (:func:`parallel.consolidated`: collective under FSDP)."""
-        return parallel.consolidated(self.model, self.averaged, self.device)
-
-    @torch.no_grad()
-    def sample_images(
-        self, *, prompts: list[str] | None = None, labels: list[int] | None = None, cfg_scale: float = 4.5,
-        seed: int = 0, height: int | None = None, width: int | None = None, use_ema: bool = True,
-    ) -> Tensor:
-        """uint8 images (B, 3, H, W) for fixed prompts or labels, at the stage's resolution by default."""
-        model = self.sampling_model(use_ema)
-        was_training = model.training
-        s = self.cfg.samples
-        images = generate(
-            model, self.vae, prompts=prompts, labels=labels, encoder=self.prompt_encoder,
-            height=height or self.cfg.data.resolution, width=width or self.cfg.data.resolution,
-            sampler=s.sampler, steps=s.steps, cfg_scale=cfg_scale, seed=seed, prediction=self.cfg.diffusion.prediction,
-            precision=self.trainer.precision, decode_batch=s.decode_batch,
-        )
-        model.train(was_training)
-        return images

@@ -41,7 +41,7 @@ class TextAlignment(DiffusionStage):
             mask = batch["caption_mask"]
             return {"y": batch["caption_features"].to(self.device).float(),
                     "mask": None if mask is None else mask.to(self.device)}
-        features, mask = self.text_encoder.encode(batch["caption"], trim=True)
+        features, mask = self.encoders.text_encoder.encode(batch["caption"], trim=True)
         return {"y": features.float(), "mask": mask}
 
     def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:

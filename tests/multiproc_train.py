@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixart_lightning.config import load_stage  # noqa: E402
 from pixart_lightning.encoders.vae import PixelSpace  # noqa: E402
 from pixart_lightning.interop import save_weights  # noqa: E402
-from pixart_lightning.training.parallel import is_sharded, make_strategy  # noqa: E402
+from pixart_lightning.training.parallel import consolidated, is_sharded, make_strategy  # noqa: E402
 from stages import STAGE_MODULES  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -133,7 +133,7 @@ def main() -> None:
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=Data(args.steps), ckpt_path=args.resume)
-    final, ema = module.consolidated()
+    final, ema = consolidated(module.model, module.averaged, module.device)
     if trainer.is_global_zero:
         save_weights(final, args.out / f"{args.tag}.safetensors")
         save_weights(ema, args.out / f"{args.tag}-ema.safetensors")

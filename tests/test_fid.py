@@ -16,6 +16,7 @@ from scipy import linalg
 
 from callbacks.fid import FIDCallback
 from pixart_lightning.config import FIDSection
+from pixart_lightning.encoders.frozen import FrozenEncoders
 from pixart_lightning.encoders.vae import PixelSpace
 from pixart_lightning.evaluation import extractors, fid
 from pixart_lightning.evaluation.captions import Caption, load_captions, pin_captions, pinned_captions
@@ -221,7 +222,7 @@ class TinyStage(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.model = tiny_model(mode="class", num_classes=27, in_channels=3)
-        self.vae, self.prompt_encoder = PixelSpace(), None
+        self.encoders = FrozenEncoders(PixelSpace())
         self.cfg = SimpleNamespace(data=SimpleNamespace(resolution=16), diffusion=SimpleNamespace(prediction="epsilon"))
 
     def sampling_model(self, use_ema: bool = True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,19 @@ def test_publishing_a_folder_with_replace_swaps_out_the_old_one(tmp_path: Path) 
         (folder / name).write_text(name)
     publish_folder(new, path, replace=True)
     assert [p.name for p in path.iterdir()] == ["new"] and [p.name for p in tmp_path.iterdir()] == ["step-2.ckpt"]
+
+
+def test_only_the_atomic_writer_renames_into_place() -> None:
+    """Temporary-name-and-rename lives in files.py alone; every other module writes through its functions, so a
+    crash leaves the same (no) traces everywhere and one fix reaches every writer."""
+    root = Path(__file__).resolve().parents[1]
+    renames = re.compile(r"\b(os\.(replace|rename)|shutil\.move)\(")
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for package in ("pixart_lightning", "stages", "callbacks")
+        for path in sorted((root / package).rglob("*.py"))
+        if path != root / "pixart_lightning" / "files.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if renames.search(line)
+    ]
+    assert found == []

@@ -175,7 +175,7 @@ def test_native_weights_round_trip(tmp_path):
     """Our .safetensors keeps the config and prediction type in its metadata and reloads the exact model."""
     model = tiny_model(learned_null_caption=True)
     path = save_weights(model, tmp_path / "model.safetensors", prediction="v")
-    assert not (tmp_path / "model.safetensors.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # the temporary file renamed, none left
     back = load_model(path)
     assert back.cfg == model.cfg
     assert _same_state(back.state_dict(), model.state_dict())

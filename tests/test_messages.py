@@ -17,7 +17,8 @@ from pixart_lightning.cli import main
 from pixart_lightning.config import ConfigError, DataSection, load_stage, phase_configs
 from pixart_lightning.data.samples import read_caption
 from pixart_lightning.data.shards import FILTER_REASONS, ShardStream
-from pixart_lightning.runner.chain import plan, prepare_data, run
+from pixart_lightning.runner.chain import plan, run
+from pixart_lightning.runner.inputs import prepare_data
 from pixart_lightning.shapes.synth import synthesize
 from tests.test_stages import small
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pixart_lightning.config import load_stage
 from pixart_lightning.encoders.vae import PixelSpace
-from pixart_lightning.models.pixart import CPU_MATMUL_ATTENTION, attention
+from pixart_lightning.models.attention import CPU_MATMUL_ATTENTION, attention
 from pixart_lightning.training import compilation
 from stages import STAGE_MODULES
 from tests.multiproc_train import DEMO, GLOBAL_BATCH, SIDE, GlobalBatches, small_stage2

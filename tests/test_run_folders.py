@@ -14,12 +14,12 @@ from pixart_lightning.encoders.vae import PixelSpace
 from pixart_lightning.interop import load_weights, save_weights
 from pixart_lightning.runner.folders import (
     load_run_artifacts,
-    read_manifest,
     resolve_prediction,
     sampling_weights,
     saved_config,
     stage_weights,
 )
+from pixart_lightning.runner.unit import read_manifest
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 

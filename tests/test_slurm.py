@@ -24,8 +24,8 @@ from test_stages import small
 
 from pixart_lightning.cli import main
 from pixart_lightning.runner import slurm
-from pixart_lightning.runner.chain import RunnerError
 from pixart_lightning.runner.slurm import SlurmOptions, sbatch_script, submit
+from pixart_lightning.runner.unit import RunnerError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"

@@ -1,4 +1,5 @@
-"""TensorBoard serves a run's scalars and sample images over HTTP, as ``make tensorboard`` does."""
+"""TensorBoard serves a run's scalars and sample images over HTTP, as ``make tensorboard`` does: the whole chain as
+one run on one step axis (runner/logs.py)."""
 
 from __future__ import annotations
 
@@ -14,23 +15,60 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks.throughput import Throughput
 from pixart_lightning.runner.chain import run
-from tests.test_stages import DEMO, small
+from pixart_lightning.runner.logs import STAGE_STEP
+from tests.test_stages import DEMO, Recorder, small
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = "stage1/tensorboard"  # the TensorBoard run name of stage 1's logs under the run folder
-SCALARS = {"train/loss", "train/lr", "train/images_per_s_per_device", "train/data_wait_fraction", "train/mfu"}
+RUN = "tensorboard"  # the TensorBoard run name of the chain's logs under the run folder
+SCALARS = {"train/loss", "train/lr", "train/images_per_s_per_device", "train/data_wait_fraction", "train/mfu",
+           "eval/fid", STAGE_STEP}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """Stage 1 of the demo for 4 steps, sample grids at step 2 and at the end, throughput every 2 steps."""
+    """Stages 1 and 2 of the demo for 4 steps each, sample grids every 2 steps and at the end, throughput every 2
+    steps, FID at stage 2's start and end."""
     out = tmp_path_factory.mktemp("tensorboard")
-    overrides = small(out, "stage1.train.max_steps=4", "samples.every_n_steps=2", "eval.alignment_prompts=0")
-    run(DEMO, [1], overrides, callbacks=[Throughput(every_n_steps=2, peak_tflops=1.0)])  # a peak, so MFU is logged
+    overrides = small(out, "stage1.train.max_steps=4", "stage2.train.max_steps=4", "samples.every_n_steps=2",
+                      "eval.alignment_prompts=0")
+    run(DEMO, [1, 2], overrides, callbacks=[Throughput(every_n_steps=2, peak_tflops=1.0)])  # a peak: MFU is logged
     return out
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / RUN), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_the_chain_is_one_curve(run_dir: Path):
+    """Stage 2's steps follow stage 1's on the axis, each beside the unit's own step; no ``epoch`` card."""
+    logged = events(run_dir)
+    assert {path.parent for path in run_dir.glob("**/events.out.tfevents.*")} == {run_dir / RUN}  # every unit's
+    assert "epoch" not in logged.Tags()["scalars"]
+    steps = [e.step for e in logged.Scalars("train/loss")]  # in the order written: stage 1's, then stage 2's
+    stage1, stage2 = steps[:4], steps[4:]
+    assert stage1 == [1, 2, 3, 4] and stage2 == [5, 6, 7, 8]  # the loss of step k at step k, as the callbacks'
+    assert min(stage2) > max(stage1)
+    own = {(e.step, e.value) for e in logged.Scalars(STAGE_STEP)}
+    assert {(1, 1), (4, 4), (5, 1), (8, 4)} <= own
+    assert [e.step for e in logged.Scalars("eval/fid")] == [4, 8]  # stage 2's steps 0 and 4
+    assert [e.step for e in logged.Images("samples")] == [2, 4, 6, 8]
+
+
+def test_resumed_unit_logs_each_step_once(tmp_path: Path):
+    """An interrupted unit resumed from its checkpoint (step 3) logs steps 4 and 5 again, replacing the first run's."""
+    overrides = small(tmp_path, "stage1.train.max_steps=6", "eval.alignment_prompts=0")  # a checkpoint every 3 steps
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(DEMO, [1], overrides, callbacks=[Recorder(fail_at=5)])
+    run(DEMO, [1], overrides)
+    logged = events(tmp_path)
+    assert [e.step for e in logged.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in logged.Scalars("train/images_per_s")] == [1, 2, 3, 4, 5, 6]
 
 
 def free_port() -> int:
@@ -67,11 +105,13 @@ def test_tensorboard_serves_scalars_and_images(run_dir: Path, tmp_path: Path):
             except (urllib.error.URLError, ConnectionError):
                 continue
         images = get_json(opener, f"{base}/images/tags")
-        assert "samples" in images[RUN]
+        assert "samples" in images[RUN] and "epoch" not in scalars[RUN]
         steps = get_json(opener, f"{base}/images/images?" + urllib.parse.urlencode({"run": RUN, "tag": "samples"}))
-        assert [entry["step"] for entry in steps] == [2, 4]  # mid-run grid and the final one
+        assert [entry["step"] for entry in steps] == [2, 4, 6, 8]  # mid-run grids and the final ones, stages 1 and 2
         mfu = get_json(opener, f"{base}/scalars/scalars?" + urllib.parse.urlencode({"run": RUN, "tag": "train/mfu"}))
-        assert [step for _, step, _ in mfu] == [2, 4]  # (wall time, step, value) per window
+        assert [step for _, step, _ in mfu] == [2, 4, 6, 8]  # (wall time, step, value) per window
+        loss = get_json(opener, f"{base}/scalars/scalars?" + urllib.parse.urlencode({"run": RUN, "tag": "train/loss"}))
+        assert [step for _, step, _ in loss] == list(range(1, 9))  # one curve over both stages
     finally:
         server.terminate()
         try:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import callbacks.throughput as throughput
 from callbacks.throughput import Throughput, batch_geometry
+from pixart_lightning.encoders.frozen import FrozenEncoders
 from pixart_lightning.encoders.vae import PixelSpace
 from pixart_lightning.models import PixArt, PixArtConfig
 from pixart_lightning.training.flops import forward_flops, peak_tflops, train_flops_per_image
@@ -85,7 +86,7 @@ class MemoryLogger(Logger):
 
 def xl2_module(**cfg) -> SimpleNamespace:
     return SimpleNamespace(
-        model=SimpleNamespace(cfg=XL2.replace(**cfg)), vae=SimpleNamespace(downsample_factor=8), device=torch.device("cpu")
+        model=SimpleNamespace(cfg=XL2.replace(**cfg)), encoders=SimpleNamespace(vae=SimpleNamespace(downsample_factor=8)), device=torch.device("cpu")
     )
 
 
@@ -161,7 +162,7 @@ class TinyDiT(L.LightningModule):
         self.model = PixArt(PixArtConfig.from_name(
             "PixArt-debug/2", mode="class", num_classes=2, in_channels=3, learn_sigma=False, sample_size=8
         ))
-        self.vae = PixelSpace()
+        self.encoders = FrozenEncoders(PixelSpace())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["pixels"]

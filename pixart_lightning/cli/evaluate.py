@@ -19,6 +19,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    from pixart_lightning.diffusion.sampling import DEFAULT_STEPS
     from pixart_lightning.encoders.text import DEFAULT_T5
     from pixart_lightning.encoders.vae import DEFAULT_VAE, PIXEL_SPACE
 
@@ -27,7 +28,8 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", help=f"T5 hub id or folder (default: the run's, else {DEFAULT_T5})")
     p.add_argument("--vae", help=f"VAE hub id or folder, or {PIXEL_SPACE!r} (default: the run's, else {DEFAULT_VAE})")
     add_prediction_option(p)
-    p.add_argument("--steps", type=int, help="sampler steps (default: 20 for dpm++, 100 for ancestral)")
+    defaults = ", ".join(f"{steps} for {sampler}" for sampler, steps in DEFAULT_STEPS.items())
+    p.add_argument("--steps", type=int, help=f"sampler steps (default: {defaults})")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, help="pixels (default: the run's resolution)")
     p.add_argument("--width", type=int, help="pixels (default: the run's resolution)")

@@ -19,7 +19,7 @@ from pixart_lightning.encoders.loading import DTYPES
 from pixart_lightning.encoders.text import DEFAULT_T5
 from pixart_lightning.encoders.vae import DEFAULT_VAE, SD_VAE_SCALE
 from pixart_lightning.models.attention import ATTENTION_BACKENDS
-from pixart_lightning.models.config import MODEL_SIZES
+from pixart_lightning.models.config import CAPTION_TOKENS, MODEL_SIZES
 
 Stage = Literal[1, 2, 3]
 Precision = Literal["32", "bf16-mixed"]
@@ -120,7 +120,7 @@ class DiffusionSection:
 class TextEncoderSection:
     name: str = DEFAULT_T5
     """Hub id or folder of a T5 encoder; ``tiny`` builds the offline demo encoder under the run folder."""
-    max_length: int = 120
+    max_length: int = CAPTION_TOKENS
     """Caption tokens kept (longer captions are cut, shorter ones padded): the paper's 120."""
     dtype: TextDtype = "bf16"
     """Weights dtype of the frozen encoder."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -44,7 +43,7 @@ from pixart_lightning.data.samples import caption_text, image_member, open_image
 from pixart_lightning.data.shards import MANIFEST_NAMES, DataError, batched, tar_shards
 from pixart_lightning.data.sources import complete_samples
 from pixart_lightning.data.workers import process_device, process_rank, share
-from pixart_lightning.files import write_json_atomic
+from pixart_lightning.files import atomic_path, write_json_atomic
 from pixart_lightning.hub import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -250,36 +249,26 @@ def _recaption_shard(
 ) -> dict[str, Any]:
     """Caption one shard into ``out_dir/<shard name>`` (renamed into place when complete, its statistics and
     ``settings`` written beside it); returns the statistics."""
-    partial = out_dir / f".{shard.name}.{os.getpid()}.partial"
-    try:
-        return _caption_into(shard, partial, out_dir / shard.name, captioner, batch_size, settings, bar)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _caption_into(
-    shard: Path, partial: Path, target: Path, captioner: Captioner, batch_size: int, settings: dict[str, Any],
-    bar: tqdm,
-) -> dict[str, Any]:
     start = time.perf_counter()
     skipped = Counts()
     written = new_tokens = 0
-    with TarWriter(str(partial), encoder=False) as sink:
-        for batch in batched(_readable(shard, skipped), batch_size):
-            samples, images = zip(*batch, strict=True)
-            captions = [caption_text(s, "txt", {}) if settings["seed_with_caption"] else None for s in samples]
-            dense_captions, tokens = captioner.caption(images, captions)
-            new_tokens += tokens
-            for sample, dense in zip(samples, dense_captions, strict=True):
-                bar.update()
-                if not dense:
-                    skipped.add("empty dense caption", f"{shard}:{sample['__key__']}")
-                    continue
-                sink.write({**_members(sample), DENSE_KEY: dense.encode("utf-8")})
-                written += 1
-    if written == 0 and skipped.tar_errors:  # unreadable, not empty: leave it to a rerun
-        raise DataError(f"{shard}: could not be read ({skipped.summary()}); fix it and run the same command again")
-    os.replace(partial, target)
+    target = out_dir / shard.name
+    with atomic_path(target) as partial:
+        with TarWriter(str(partial), encoder=False) as sink:
+            for batch in batched(_readable(shard, skipped), batch_size):
+                samples, images = zip(*batch, strict=True)
+                captions = [caption_text(s, "txt", {}) if settings["seed_with_caption"] else None for s in samples]
+                dense_captions, tokens = captioner.caption(images, captions)
+                new_tokens += tokens
+                for sample, dense in zip(samples, dense_captions, strict=True):
+                    bar.update()
+                    if not dense:
+                        skipped.add("empty dense caption", f"{shard}:{sample['__key__']}")
+                        continue
+                    sink.write({**_members(sample), DENSE_KEY: dense.encode("utf-8")})
+                    written += 1
+        if written == 0 and skipped.tar_errors:  # unreadable, not empty: leave it to a rerun
+            raise DataError(f"{shard}: could not be read ({skipped.summary()}); fix it and run the same command again")
     stats = {"samples": written, **skipped.fields(), "new_tokens": new_tokens,
              "seconds": round(time.perf_counter() - start, 3), SETTINGS_KEY: settings}
     write_shard_stats(target, stats)

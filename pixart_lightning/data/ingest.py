@@ -29,7 +29,6 @@ import io
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from pixart_lightning.data.samples import (
 )
 from pixart_lightning.data.shards import DataError, resolve_sources
 from pixart_lightning.data.sources import ImageFolder, complete_samples, extension, folder_files
+from pixart_lightning.files import atomic_folder
 
 MANIFEST = "manifest.json"
 CAPTION_FIELDS = ("caption", "text", "prompt")  # where img2dataset-style json keeps a caption
@@ -192,17 +192,13 @@ def ingest(
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:  # keys hash the source's name: two sources of one name would collide
         raise DataError(f"two sources share the name {repeated[0]!r}: ingest them into separate folders")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # made with the umask, like every other output
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
     # Counts keyed by the paper's 1024-px bucket sizes; a table at any resolution matches them by ratio.
     # They come from the stored image's size, which decides its bucket in training (not the original size).
     table = bucket_table(1024, 64)
     buckets: dict[str, int] = {}
     seen: set[str] = set()
     count = 0
-    try:
+    with atomic_folder(out) as partial:
         with wds.ShardWriter(str(partial / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
                              encoder=False) as sink:
             for raw in tqdm(_raw_samples(urls, skipped, ignored), desc="ingest", unit="img", disable=not progress):
@@ -227,10 +223,5 @@ def ingest(
             "bucket_counts": dict(sorted(buckets.items())), **skipped.fields("skipped"), **ignored.fields("ignored"),
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.is_dir():
-            out.rmdir()
-        os.rename(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return manifest
 

@@ -20,7 +20,8 @@ from pixart_lightning.diffusion.gaussian_diffusion import (
 from pixart_lightning.diffusion.schedule import diffusers_schedule
 
 SAMPLERS = ("dpm++", "ancestral")
-_DEFAULT_STEPS = {"dpm++": 20, "ancestral": 100}
+DEFAULT_STEPS = {"dpm++": 20, "ancestral": 100}
+"""Steps each sampler takes when the caller names none."""
 
 
 def guided_model_fn(
@@ -102,7 +103,7 @@ def sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     check_prediction(prediction)
-    steps = steps or _DEFAULT_STEPS[sampler]
+    steps = steps or DEFAULT_STEPS[sampler]
     device = torch.device(device) if device is not None else _default_device(model)
     fn = guided_model_fn(model, model_kwargs, cfg_scale)
 

@@ -6,13 +6,14 @@ import torch
 
 from pixart_lightning.encoders.text import LazyTextEncoder, T5TextEncoder
 from pixart_lightning.encoders.vae import PIXEL_SPACE, SD_VAE_SCALE, VAE, LazyVAE, PixelSpace
+from pixart_lightning.models.config import CAPTION_TOKENS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The config's dtype names (``text_encoder.dtype``, ``data extract --t5-dtype``) -> torch dtypes."""
 
 
 def load_text_encoder(
-    name: str, max_length: int = 120, dtype: str = "fp32", lazy: bool = False
+    name: str, max_length: int = CAPTION_TOKENS, dtype: str = "fp32", lazy: bool = False
 ) -> T5TextEncoder | LazyTextEncoder:
     """The T5, or with ``lazy`` a handle that loads it at its first use."""
     if lazy:

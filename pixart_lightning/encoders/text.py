@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
+from transformers.utils import logging as transformers_logging
 
 from pixart_lightning.encoders.lazy import Lazy
 from pixart_lightning.files import atomic_write
 from pixart_lightning.hub import load_pretrained, pipeline_subfolder
+from pixart_lightning.models.config import CAPTION_TOKENS
 from pixart_lightning.models.pixart import sincos_1d
 
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
@@ -28,11 +31,36 @@ FEATURE_OPTIONS = "pixart_lightning_features.json"
 """Beside a tiny offline encoder: ``{"position_code": true}`` adds a sinusoidal position code to its features."""
 
 
+@contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off for the block, in a log where the
+    runner says what it loads or builds."""
+    if not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
+@contextmanager
+def _no_loading_bar(name_or_path: str | os.PathLike) -> Iterator[None]:
+    """No "Loading weights" bar from a local folder. The switch is shared with the Hub's download bars, which a
+    folder has no use for; a download keeps its bar."""
+    if not Path(name_or_path).is_dir():
+        yield
+        return
+    with transformers_bars_off():
+        yield
+
+
 class T5TextEncoder(nn.Module):
     """Tokenizer plus frozen ``T5EncoderModel``; always in eval mode."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, model: T5EncoderModel, max_length: int = 120,
+        self, tokenizer: PreTrainedTokenizerBase, model: T5EncoderModel, max_length: int = CAPTION_TOKENS,
         position_code: bool = False,
     ):
         super().__init__()
@@ -45,7 +73,7 @@ class T5TextEncoder(nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike = DEFAULT_T5,
-        max_length: int = 120,
+        max_length: int = CAPTION_TOKENS,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         tokenizer_subfolder: str | None = None,
@@ -64,7 +92,8 @@ class T5TextEncoder(nn.Module):
         model_kwargs = {"subfolder": text_encoder_subfolder or ""}
         if dtype is not None:
             model_kwargs["dtype"] = dtype
-        model = load_pretrained(T5EncoderModel.from_pretrained, name_or_path, "T5 text encoder", **model_kwargs)
+        with _no_loading_bar(name_or_path):
+            model = load_pretrained(T5EncoderModel.from_pretrained, name_or_path, "T5 text encoder", **model_kwargs)
         options_file = Path(name_or_path) / FEATURE_OPTIONS
         options = json.loads(options_file.read_text()) if options_file.is_file() else {}
         return cls(tokenizer, model.to(device), max_length, position_code=bool(options.get("position_code")))
@@ -117,7 +146,7 @@ class LazyTextEncoder(Lazy[T5TextEncoder]):
     the config file alone.
     """
 
-    def __init__(self, name_or_path: str | os.PathLike, max_length: int = 120, dtype: torch.dtype | None = None):
+    def __init__(self, name_or_path: str | os.PathLike, max_length: int = CAPTION_TOKENS, dtype: torch.dtype | None = None):
         super().__init__()
         self.name_or_path = str(name_or_path)
         self.max_length = max_length

@@ -40,7 +40,7 @@ def alignment(
     scenes = world.alignment_prompts(num, seed)
     hits = {"both": 0, "background": 0, "shape": 0}
     examples = []
-    for start in tqdm(range(0, num, batch_size), disable=not progress, desc="alignment"):
+    for start in tqdm(range(0, num, batch_size), disable=not progress, desc="alignment", leave=False):
         chunk = scenes[start : start + batch_size]
         if model.cfg.mode == "text":
             inputs = {"prompts": [caption for caption, _ in chunk], "encoder": encoder}

@@ -111,7 +111,8 @@ def reference_stats(
     moments = Moments(extractor.dim)
     batch: list[Tensor] = []
     # Real images differ in size: each is resized alone, then they share a batch through the network.
-    for image in tqdm(real_images(source, count), disable=not progress, desc="FID reference", total=count or None):
+    for image in tqdm(real_images(source, count), disable=not progress, desc="FID reference", total=count or None,
+                      leave=False):
         batch.append(protocol_resize(image[None], extractor.resize)[0])
         if len(batch) == batch_size:
             moments.add(extractor.resized_features(torch.stack(batch)))

@@ -73,7 +73,7 @@ def generated_moments(
         rounds = math.ceil(math.ceil(len(captions) / settings.batch_size) / world_size)
         chunks += [None] * (rounds - len(chunks))
     moments = Moments(extractor.dim)
-    for chunk in tqdm(chunks, disable=not progress, desc="FID images"):
+    for chunk in tqdm(chunks, disable=not progress, desc="FID images", leave=False):
         part = [captions[i] for i in (chunk if chunk is not None else range(min(settings.batch_size, len(captions))))]
         inputs = ({"prompts": [c.caption for c in part], "encoder": encoder} if text
                   else {"labels": [int(c.label) for c in part]})

@@ -19,7 +19,7 @@ from pixart_lightning.gpu_check import PROJECT, benchmark
 from pixart_lightning.gpu_check.harness import Context
 from pixart_lightning.gpu_check.memory import largest_batch, peak_gib, start_peak_window
 from pixart_lightning.gpu_check.training import Interrupted, StepLosses
-from pixart_lightning.runner import chain as runner
+from pixart_lightning.runner.chain import run
 from pixart_lightning.shapes.synth import synthesize
 from pixart_lightning.shapes.tiny_models import build_tiny_t5, build_tiny_vae
 
@@ -87,13 +87,13 @@ def check_fsdp(ctx: Context) -> None:
     first = StepLosses(stop_at=CHECKPOINT_AT)
     start_peak_window(ctx.device)
     try:
-        runner.run(config, [2], overrides, callbacks=[first])
+        run(config, [2], overrides, callbacks=[first])
     except Interrupted:
         pass
     ctx.record("runner_peak_gib", peak_gib(ctx.device))
     ctx.record("losses_before_interruption", [first.losses[k] for k in sorted(first.losses)])
     resumed = StepLosses()
-    runner.run(config, [2], overrides, callbacks=[resumed])
+    run(config, [2], overrides, callbacks=[resumed])
     ctx.record("resumed_from_step", min(resumed.losses))
     before, after = first.losses[CHECKPOINT_AT], resumed.losses[CHECKPOINT_AT]
     ctx.record("resumed_loss_difference", abs(after - before))

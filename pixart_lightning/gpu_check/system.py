@@ -7,7 +7,8 @@ from collections import Counter
 from pixart_lightning.files import sha256
 from pixart_lightning.gpu_check import PROJECT
 from pixart_lightning.gpu_check.harness import Context, Unavailable
-from pixart_lightning.runner import chain as runner
+from pixart_lightning.runner.chain import run
+from pixart_lightning.runner.unit import FINAL
 
 
 def check_attention(ctx: Context) -> None:
@@ -29,7 +30,7 @@ def check_chain(ctx: Context) -> None:
     s = ctx.sizes
     cuda = ctx.device.type == "cuda"
     out = ctx.work / "run"
-    units = runner.run(PROJECT / "configs" / "demo", [1, 2], [
+    units = run(PROJECT / "configs" / "demo", [1, 2], [
         f"out_dir={out}", f"train.accelerator={'gpu' if cuda else 'cpu'}", "train.progress_bar=false",
         f"stage1.train.max_steps={s.chain_steps[0]}", f"stage2.train.max_steps={s.chain_steps[1]}",
         f"data.synth.count={s.chain_images}", f"eval.alignment_prompts={s.chain_alignment_prompts}", "fid.reference=''",
@@ -42,6 +43,6 @@ def check_chain(ctx: Context) -> None:
                                      "alignment": m.get("alignment", {}).get("alignment")})
     handed = manifests[2].get("parent") or {}
     ctx.record("handoff_matches_stage1_weights",
-               handed.get("sha256") == sha256(units[0].dir / runner.FINAL) if handed else False)
+               handed.get("sha256") == sha256(units[0].dir / FINAL) if handed else False)
     ctx.record("summary_written", all(m.get("status") == "done" and (u.dir / "samples" / "final.png").is_file()
                                       for u, m in zip(units, manifests.values())))

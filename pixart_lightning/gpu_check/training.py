@@ -154,6 +154,6 @@ def check_numerics(ctx: Context) -> None:
     losses = list(recorder.losses.values())
     ctx.record("steps", len(losses))
     ctx.record("non_finite_losses", sum(not math.isfinite(v) for v in losses))
-    ctx.record("skipped_steps", built.module.nonfinite_steps["total"])
+    ctx.record("skipped_steps", built.module.nonfinite.steps["total"])
     ctx.record("first_loss", losses[0])
     ctx.record("last_loss", losses[-1])

@@ -10,6 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pixart_lightning.diffusion.gaussian_diffusion import check_prediction
+from pixart_lightning.diffusion.schedule import DIFFUSERS_PREDICTION_TYPES
 from pixart_lightning.files import atomic_path
 from pixart_lightning.interop.diffusers_keys import dit_rules, pixart_rules, to_ours, to_theirs
 from pixart_lightning.interop.state_dicts import (
@@ -23,19 +25,10 @@ from pixart_lightning.models.pixart import PixArt
 
 NULL_CAPTION_FILE = "null_caption.safetensors"
 _NATIVE_TAG = "pixart-lightning"
-PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
-"""What the mean channels predict (``diffusion.prediction``) -> the ``prediction_type`` of diffusers' schedulers."""
 
 ############################################################################
 #          Native: one safetensors file whose metadata holds the config    #
 ############################################################################
-
-
-def check_prediction(prediction: str) -> str:
-    """``prediction`` if it is one the samplers know (``epsilon``, ``v``); a one-line ValueError otherwise."""
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(f"prediction={prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
-    return prediction
 
 
 def save_weights(model: PixArt, path: str | Path, prediction: str = "epsilon") -> Path:
@@ -247,8 +240,8 @@ def read_prediction(source: str | Path) -> str | None:
     if not is_native(source):
         return None
     prediction = _metadata(source).get("prediction")
-    if prediction is not None and prediction not in PREDICTION_TYPES:
-        known = ", ".join(PREDICTION_TYPES)
+    if prediction is not None and prediction not in DIFFUSERS_PREDICTION_TYPES:
+        known = ", ".join(DIFFUSERS_PREDICTION_TYPES)
         raise IncompatibleCheckpointError(f"{source} records prediction {prediction!r}; known: {known}")
     return prediction
 
@@ -257,7 +250,7 @@ def _scheduler_prediction(config_file: Path) -> str | None:
     if not config_file.is_file():
         return None
     prediction_type = json.loads(config_file.read_text()).get("prediction_type", "epsilon")  # diffusers' default
-    ours = {theirs: name for name, theirs in PREDICTION_TYPES.items()}
+    ours = {theirs: name for name, theirs in DIFFUSERS_PREDICTION_TYPES.items()}
     if prediction_type not in ours:
         raise IncompatibleCheckpointError(
             f"{config_file}: prediction_type {prediction_type!r} cannot be sampled here; "

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pixart_lightning.diffusion.gaussian_diffusion import check_prediction
+from pixart_lightning.diffusion.sampling import dpm_solver_scheduler
 from pixart_lightning.encoders.text import T5TextEncoder
 from pixart_lightning.encoders.vae import VAE
-from pixart_lightning.interop.formats import PREDICTION_TYPES, check_prediction, save_null_caption, to_diffusers_model
+from pixart_lightning.interop.formats import save_null_caption, to_diffusers_model
 from pixart_lightning.models.pixart import PixArt
 
 
@@ -18,17 +20,18 @@ def export_pipeline(
     """Write a folder that ``PixArtAlphaPipeline.from_pretrained(folder)`` loads and runs offline.
 
     ``text_encoder`` and ``vae`` are hub ids or local folders (a pipeline folder works for both).
-    The scheduler is diffusers' default DPM-Solver++ (2nd order, 1000 linear-β steps), the
-    sampler PixArt-α uses, set to what the model predicts (``epsilon`` or ``v``, as it was trained).
+    The scheduler is our ``dpm++`` sampler's (:func:`~pixart_lightning.diffusion.sampling.dpm_solver_scheduler`:
+    2nd-order DPM-Solver++ over the training schedule, as PixArt-α samples), set to what the model predicts
+    (``epsilon`` or ``v``, as it was trained).
     Note that diffusers guides with T5("") as the negative prompt, while our sampler uses the
     model's null caption embedding; it is kept in ``transformer/`` as ``null_caption.safetensors``
     so that importing the folder restores it.
     """
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from diffusers import PixArtAlphaPipeline
 
     if model.cfg.mode != "text":
         raise ValueError("only a text-mode model can be exported as a PixArtAlphaPipeline")
-    prediction_type = PREDICTION_TYPES[check_prediction(prediction)]
+    scheduler = dpm_solver_scheduler(check_prediction(prediction))
     encoder = T5TextEncoder.from_pretrained(text_encoder)
     autoencoder = VAE.from_pretrained(vae)
     problems = []
@@ -43,7 +46,7 @@ def export_pipeline(
         text_encoder=encoder.model,
         vae=autoencoder.model,
         transformer=to_diffusers_model(model),
-        scheduler=DPMSolverMultistepScheduler(prediction_type=prediction_type),
+        scheduler=scheduler,
     )
     folder = Path(folder)
     pipeline.save_pretrained(folder)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 ConditioningMode = Literal["class", "text"]
+CAPTION_TOKENS = 120
+"""The paper's caption length in T5 tokens: the null caption's length, what captions are cut or padded to."""
 
 
 @dataclass(kw_only=True)
@@ -36,7 +38,7 @@ class PixArtConfig:
     """Probability of replacing a label or caption by the null one during training."""
     caption_channels: int = 4096
     """Text mode: width of the caption features (T5-XXL: 4096)."""
-    max_caption_tokens: int = 120
+    max_caption_tokens: int = CAPTION_TOKENS
     """Text mode: length of the null caption embedding; captions may be shorter, not longer."""
     learned_null_caption: bool = False
     """Train the null caption embedding (a parameter) instead of keeping it fixed (a buffer, as

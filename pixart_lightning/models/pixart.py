@@ -19,15 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-# ATTENTION_BACKENDS, CPU_MATMUL_ATTENTION and attention are re-exported for the callers that still import them from
-# here (config/, tests/test_performance.py); their home is pixart_lightning.models.attention.
-from pixart_lightning.models.attention import (  # noqa: F401
-    ATTENTION_BACKENDS,
-    CPU_MATMUL_ATTENTION,
-    CrossAttention,
-    SelfAttention,
-    attention,
-)
+from pixart_lightning.models.attention import CrossAttention, SelfAttention
 from pixart_lightning.models.config import PixArtConfig
 from pixart_lightning.models.layers import (
     CaptionEmbedder,
@@ -131,8 +123,8 @@ class PixArt(nn.Module):
         self.blocks = nn.ModuleList(PixArtBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
-        # One of ATTENTION_BACKENDS. A setting of the machine that runs the model, not of its weights: kept out of
-        # cfg (saved with them, inherited across stage handoffs); the training stage sets it from its config.
+        # One of attention.ATTENTION_BACKENDS. A setting of the machine that runs the model, not of its weights: kept
+        # out of cfg (saved with them, inherited across stage handoffs); the training stage sets it from its config.
         self.attention_backend = "auto"
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()

@@ -2,11 +2,12 @@
 
 Every stage (or phase of a stage) is a *unit* with its own folder ``runs/<name>/stage<N>[/<phase>]/``:
 
-- ``config.yaml``: the resolved config; ``tensorboard/``: the logs; ``samples/``: PNG grids;
+- ``config.yaml``: the resolved config (with the derived learning rate and batch plan); ``samples/``: PNG grids;
 - ``checkpoints/step-N.ckpt`` + ``index.json``: the newest resumable checkpoints (atomic, sha256 recorded);
 - ``final.safetensors`` (+ ``final-ema.safetensors``): the weights handed to the next unit;
 - ``manifest.json``: status, the parent checkpoint and its sha256, hashes of the outputs, timings.
 
+All units log into one TensorBoard run, ``runs/<name>/tensorboard/``, on one step axis (:mod:`.logs`).
 A unit whose manifest says ``done`` is skipped; an interrupted one resumes from its newest good checkpoint with
 the same data order; a unit whose parent is missing says which stage to run first.
 
@@ -35,11 +36,13 @@ from pixart_lightning.encoders.text import PromptFeatures
 from pixart_lightning.files import sha256
 from pixart_lightning.interop import load_weights
 from pixart_lightning.runner.inputs import check_features, check_paths, prepare_data, text_encoder_path
+from pixart_lightning.runner.logs import unit_log
 from pixart_lightning.runner.report import finish, print_summary, record_training, start_manifest, write_json
 from pixart_lightning.runner.trainer import make_trainer
-from pixart_lightning.runner.unit import FINAL, MANIFEST, RunnerError, Unit
-from pixart_lightning.training.parallel import rank_zero_result
+from pixart_lightning.runner.unit import FINAL, MANIFEST, SAVED_CONFIG, RunnerError, Unit
+from pixart_lightning.training.parallel import consolidated, rank_zero_result
 from stages import STAGE_MODULES
+from stages.base import DiffusionStage
 
 
 def plan(folder: str | Path, overrides: list[str] | None = None) -> list[Unit]:
@@ -73,20 +76,22 @@ def run(
     selected = [u for u in units if u.stage in stages]
     check_paths([u for u in selected if not u.done])
     for unit in selected:
-        parent = units[units.index(unit) - 1] if units.index(unit) > 0 else None
-        run_unit(unit, parent, folder, callbacks)
+        run_unit(unit, units, folder, callbacks)
     print_summary(selected)
     return selected
 
 
 def run_unit(
-    unit: Unit, parent: Unit | None, folder: str | Path = "", callbacks: list[L.Callback] | None = None
+    unit: Unit, units: list[Unit], folder: str | Path = "", callbacks: list[L.Callback] | None = None
 ) -> None:
-    """Train one unit to ``max_steps`` (resuming if interrupted) and hand its weights forward."""
+    """Train one unit of the plan ``units`` to ``max_steps`` (resuming if interrupted), starting from the final
+    weights of the unit before it, and hand its own weights forward."""
     cfg = unit.cfg
     if unit.done:
         print(f"{unit.label}: done already ({unit.dir / FINAL}); delete {unit.dir} to train it again")
         return
+    place = units.index(unit)
+    parent = units[place - 1] if place > 0 else None
     parent_weights = _parent_weights(unit, parent, folder)
     previous = unit.manifest()
     # Rank 0 reads the (multi-GB) parent once; the other ranks leave the check to it (parallel.rank_zero_result).
@@ -98,28 +103,10 @@ def run_unit(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if rank_zero_only.rank == 0:
-        (unit.dir / "config.yaml").write_text(to_yaml(cfg))
+        (unit.dir / SAVED_CONFIG).write_text(to_yaml(cfg))
     started = time.time()
-
-    # Both encoders load where they are first used: T5 not at all with caption features in the data (the prompts'
-    # features are then stored once beside the run), the VAE only to decode with latents in the data.
-    text_path = text_encoder_path(cfg) if cfg.text_mode else None
-    encoder = load_text_encoder(text_path, cfg.text_encoder.max_length, cfg.text_encoder.dtype, lazy=True) \
-        if text_path else None
-    vae = load_vae(cfg.vae.name, cfg.vae.scale_factor, lazy=True)
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # the fresh parts of the model
-    parent_model = load_weights(parent_weights) if parent_weights else None
-    stage_cls = STAGE_MODULES[unit.stage]
-    model = stage_cls.initial_model(cfg, parent_model, encoder.dim if encoder else None)
+    module, datamodule, text_path = _build(unit, parent_weights)
     batches = cfg.batch_plan()
-    granularity = model.cfg.patch_size * vae.downsample_factor
-    prepare_data(cfg, granularity)
-    check_features(cfg, text_path, model.cfg.patch_size)
-    data = read_manifest(cfg.data.shards)
-    captions_precomputed = encoder is not None and data.get("kind") == "features" and bool(data.get("text_encoder"))
-    prompt_features = PromptFeatures(cfg.run_dir / "prompt-features", encoder) if captions_precomputed else None
-    module = stage_cls(cfg, model, vae, encoder, prompt_features)
-
     parent_record = {"path": str(parent_weights), "sha256": parent_sha} if parent_weights else None
     manifest = start_manifest(unit, text_path, parent_record, batches, previous.get("wall_time_s", 0.0))
     checkpoints = Checkpoints(unit.dir / "checkpoints", cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
@@ -127,16 +114,14 @@ def run_unit(
     if resume is not None and resume.is_dir() and cfg.train.strategy != "fsdp":
         raise RunnerError(f"{resume} is a sharded FSDP checkpoint: resume with train.strategy=fsdp and the same number "
                           f"of processes, or delete {checkpoints.folder} to restart {unit.label}")
-    trainer = make_trainer(cfg, unit.dir, checkpoints, callbacks)
+    # The TensorBoard step axis continues from the units before this one in the plan (runner/logs.py).
+    trainer = make_trainer(cfg, unit.dir, checkpoints, callbacks, log=unit_log(units, unit))
     if trainer.is_global_zero:
         print(f"{unit.label}: {f'resuming from {resume}' if resume else 'training'} -> {unit.dir}\n"
               f"  global batch {batches.global_batch} = micro-batch {batches.micro} x {batches.accumulation} "
               f"accumulation step(s) x {batches.world_size} process(es)", flush=True)
     try:
-        micro_batches = dataclasses.replace(cfg.data, batch_size=batches.micro)
-        datamodule = ShardDataModule(micro_batches, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
-        trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=str(resume) if resume else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     except Preempted as stop:
         done = requeue() if trainer.is_global_zero else "rank 0 requeues"
         raise Preempted(f"{unit.label}: {stop} ({done}); the same command resumes from it") from None
@@ -148,14 +133,41 @@ def run_unit(
     finally:
         manifest["wall_time_s"] += time.time() - started
         write_json(unit.dir / MANIFEST, manifest)
-    record_training(unit, manifest, module.skipped)
+    record_training(unit, manifest, module.account.skipped)
     if trainer.global_step < cfg.train.max_steps:
         raise RunnerError(f"{unit.label} stopped at step {trainer.global_step} of {cfg.train.max_steps}; "
                           "run the same command again to resume it")
-    model, ema = module.consolidated()  # collective under FSDP: every rank takes part, rank 0 gets the weights
+    # Collective under FSDP: every rank takes part, rank 0 gets the weights as plain modules.
+    model, ema = consolidated(module.model, module.averaged, module.device)
     if trainer.is_global_zero:
-        finish(unit, trainer, model, ema, manifest, vae, module.prompt_encoder)
+        finish(unit, trainer, model, ema, manifest, module.encoders)
     trainer.strategy.barrier("stage finished")  # no rank starts the next stage before its parent is written
+
+
+def _build(unit: Unit, parent_weights: Path | None) -> tuple[DiffusionStage, ShardDataModule, str | None]:
+    """The unit's stage module, its data (written first if the config synthesises it) and its text encoder's path.
+
+    Both encoders load where they are first used: T5 not at all with caption features in the data (the prompts'
+    features are then stored once beside the run), the VAE only to decode with latents in the data.
+    """
+    cfg = unit.cfg
+    text_path = text_encoder_path(cfg) if cfg.text_mode else None
+    encoder = load_text_encoder(text_path, cfg.text_encoder.max_length, cfg.text_encoder.dtype, lazy=True) \
+        if text_path else None
+    vae = load_vae(cfg.vae.name, cfg.vae.scale_factor, lazy=True)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # the fresh parts of the model
+    parent_model = load_weights(parent_weights) if parent_weights else None
+    stage_cls = STAGE_MODULES[unit.stage]
+    model = stage_cls.initial_model(cfg, parent_model, encoder.dim if encoder else None)
+    granularity = model.cfg.patch_size * vae.downsample_factor
+    prepare_data(cfg, granularity)
+    check_features(cfg, text_path, model.cfg.patch_size)
+    data = read_manifest(cfg.data.shards)
+    captions_precomputed = encoder is not None and data.get("kind") == "features" and bool(data.get("text_encoder"))
+    prompt_features = PromptFeatures(cfg.run_dir / "prompt-features", encoder) if captions_precomputed else None
+    micro_batches = dataclasses.replace(cfg.data, batch_size=cfg.batch_plan().micro)
+    datamodule = ShardDataModule(micro_batches, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
+    return stage_cls(cfg, model, vae, encoder, prompt_features), datamodule, text_path
 
 
 def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path | None:

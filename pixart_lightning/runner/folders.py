@@ -9,11 +9,9 @@ takes its encoders from the folder's manifest.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pixart_lightning.config import StageConfig, load_saved
 from pixart_lightning.encoders.loading import load_text_encoder, load_vae
@@ -21,9 +19,7 @@ from pixart_lightning.encoders.text import DEFAULT_T5, T5TextEncoder
 from pixart_lightning.encoders.vae import DEFAULT_VAE, VAE, PixelSpace
 from pixart_lightning.interop import load_model, read_prediction
 from pixart_lightning.models import PixArt
-from pixart_lightning.runner.unit import FINAL, FINAL_EMA, MANIFEST
-
-SAVED_CONFIG = "config.yaml"
+from pixart_lightning.runner.unit import FINAL, FINAL_EMA, SAVED_CONFIG, read_manifest
 
 
 def stage_weights(path: str | Path, ema: bool = False) -> Path:
@@ -49,13 +45,6 @@ def sampling_weights(path: str | Path) -> Path:
     if phases and not (path / "config.json").is_file():  # config.json: a diffusers folder, which has no phases
         raise ValueError(f"{path} is a stage run in phases; pass one of its phase folders ({', '.join(phases)})")
     return path
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of the stage folder that is or holds ``path``; {} outside a stage folder."""
-    path = Path(path)
-    manifest = (path if path.is_dir() else path.parent) / MANIFEST
-    return json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
 def resolve_prediction(weights: str | Path, chosen: str | None = None) -> str:

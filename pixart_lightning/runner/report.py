@@ -12,11 +12,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from callbacks.fid import RECORDS as FID_RECORDS
 from pixart_lightning.config import BatchPlan
+from pixart_lightning.encoders.frozen import FrozenEncoders
 from pixart_lightning.evaluation.alignment import alignment
 from pixart_lightning.files import sha256, write_json_atomic
 from pixart_lightning.interop import save_weights
 from pixart_lightning.models import PixArt
-from pixart_lightning.runner.unit import FINAL, FINAL_EMA, MANIFEST, Unit
+from pixart_lightning.runner.logs import chain_tensorboard
+from pixart_lightning.runner.unit import FINAL, FINAL_EMA, MANIFEST, SAVED_CONFIG, Unit
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -32,7 +34,7 @@ def start_manifest(
     from (``parent``: path and sha256 of the weights it starts from), written as ``running``."""
     cfg = unit.cfg
     manifest = {
-        "stage": unit.stage, "phase": unit.phase, "status": "running", "config": str(unit.dir / "config.yaml"),
+        "stage": unit.stage, "phase": unit.phase, "status": "running", "config": str(unit.dir / SAVED_CONFIG),
         "parent": parent, "text_encoder": text_path, "text_max_length": cfg.text_encoder.max_length,
         "text_dtype": cfg.text_encoder.dtype, "vae": cfg.vae.name, "prediction": cfg.diffusion.prediction,
         "resolution": cfg.data.resolution, "max_steps": cfg.train.max_steps, "learning_rate": cfg.learning_rate(),
@@ -52,7 +54,8 @@ def record_training(unit: Unit, manifest: dict[str, Any], skipped: dict[str, int
 
 
 def finish(
-    unit: Unit, trainer: L.Trainer, model: PixArt, ema: PixArt | None, manifest: dict[str, Any], vae, encoder
+    unit: Unit, trainer: L.Trainer, model: PixArt, ema: PixArt | None, manifest: dict[str, Any],
+    encoders: FrozenEncoders,
 ) -> None:
     """Save the handoff weights (plain, unsharded models), score alignment if asked, mark the unit done."""
     cfg = unit.cfg
@@ -62,20 +65,21 @@ def finish(
     manifest["weights"] = {name: {"path": str(p), "sha256": sha256(p)} for name, p in outputs.items()}
     if cfg.eval.alignment_prompts:
         scored = ema if cfg.samples.use_ema and ema is not None else model
-        manifest["alignment"] = _score_alignment(unit, trainer, scored, vae, encoder)
+        manifest["alignment"] = _score_alignment(unit, trainer, scored, encoders)
     manifest["status"] = "done"
     manifest["steps"] = cfg.train.max_steps
     write_json(unit.dir / MANIFEST, manifest)
     print(f"{unit.label}: done in {manifest['wall_time_s']:.0f} s -> {unit.dir / FINAL}\n"
-          f"  samples: {unit.dir / 'samples'}   TensorBoard: tensorboard --logdir {cfg.run_dir}", flush=True)
+          f"  samples: {unit.dir / 'samples'}   TensorBoard: tensorboard --logdir {chain_tensorboard(cfg.run_dir)}",
+          flush=True)
 
 
-def _score_alignment(unit: Unit, trainer: L.Trainer, model: PixArt, vae, encoder) -> dict[str, float]:
+def _score_alignment(unit: Unit, trainer: L.Trainer, model: PixArt, encoders: FrozenEncoders) -> dict[str, float]:
     """The embedded world's caption alignment of the final model, to ``alignment.json`` and TensorBoard."""
     cfg = unit.cfg
     result = alignment(
-        model, vae, encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed, height=cfg.data.resolution,
-        width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
+        model, encoders.vae, encoders.prompt_encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed,
+        height=cfg.data.resolution, width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
         cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction, precision=trainer.precision,
         decode_batch=cfg.samples.decode_batch,
     )
@@ -102,4 +106,4 @@ def print_summary(units: list[Unit]) -> None:
               + (f"FID {fids}   " if fids else "")
               + f"samples: {unit.dir / 'samples' / 'final.png'}")
     if units:
-        print(f"  TensorBoard: tensorboard --logdir {units[0].cfg.run_dir}   (or: make tensorboard)")
+        print(f"  TensorBoard: tensorboard --logdir {chain_tensorboard(units[0].cfg.run_dir)}   (or: make tensorboard)")

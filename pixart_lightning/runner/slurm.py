@@ -23,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixart_lightning.runner.chain import RunnerError, plan
+from pixart_lightning.runner.chain import plan
+from pixart_lightning.runner.unit import RunnerError
 
 SIGNAL_LEAD_S = 90
 """Seconds between SIGUSR1 and the time limit: a checkpoint of a large model must fit in it."""

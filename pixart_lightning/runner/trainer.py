@@ -8,18 +8,19 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from callbacks.checkpoints import Checkpoints
 from callbacks.fid import FIDCallback
 from callbacks.preemption import Preemption
+from callbacks.progress import StageProgressBar
 from callbacks.samples import SampleGrid
 from callbacks.throughput import Throughput
 from pixart_lightning.config import StageConfig
 from pixart_lightning.files import atomic_write, note_written
+from pixart_lightning.runner.console import QuietTrainer, quiet_lightning
+from pixart_lightning.runner.logs import TENSORBOARD, ChainLogger, ResumedLog, UnitLog
 from pixart_lightning.training.parallel import make_strategy
 
 
@@ -35,28 +36,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def make_trainer(
     cfg: StageConfig, folder: Path, checkpoints: Checkpoints, callbacks: list[L.Callback] | None = None,
-    evaluation: bool = True, devices: list[int] | None = None,
+    evaluation: bool = True, devices: list[int] | None = None, log: UnitLog | None = None,
 ) -> L.Trainer:
     """The stage's Trainer: strategy, precision and the per-step callbacks (checkpoints, preemption,
     throughput), plus samples and FID when ``evaluation`` (off in benchmarks, which time the step alone).
-    ``devices`` picks device indices (a benchmark on one chosen GPU); default: ``train.devices`` of them."""
+    ``devices`` picks device indices (a benchmark on one chosen GPU); default: ``train.devices`` of them.
+    ``log``: the progress bar's label and the TensorBoard folder and step offset (the runner's: the chain's
+    folder, after the units before this one); default: ``folder/tensorboard`` from step 0."""
+    log = log or UnitLog("training", folder / TENSORBOARD)
+    batches = cfg.batch_plan()
     # Our own SIGUSR1 handling (callbacks/preemption.py) replaces Lightning's, which saves inside the signal handler.
     # torchrun inside a Slurm allocation: every child sees the same SLURM_PROCID, so the ranks come from torchrun's
     # variables (Lightning's own detection order, which a forced SLURMEnvironment would override).
-    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+    with quiet_lightning():  # detect() warns as the Trainer does (runner/console.py)
+        slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
     environment = [SLURMEnvironment(auto_requeue=False)] if slurm else []
     samples = [SampleGrid(cfg.samples, folder / "samples", cfg.text_mode)] if evaluation else []
     fid = [FIDCallback(cfg.fid, folder, progress=cfg.train.progress_bar)] if evaluation and cfg.fid.enabled else []
     # The bar reads the logged loss on the host: refresh it when there is a new one, not every step.
-    progress = [TQDMProgressBar(refresh_rate=cfg.train.log_every)] if cfg.train.progress_bar else []
-    return L.Trainer(
+    bar = StageProgressBar(log.label, batches.global_batch, refresh_rate=cfg.train.log_every)
+    progress = [bar] if cfg.train.progress_bar else []
+    return QuietTrainer(
         accelerator=cfg.train.accelerator, devices=devices or cfg.train.devices, num_nodes=cfg.train.num_nodes,
         strategy=make_strategy(cfg.train), precision=cfg.train.precision,
         max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
-        accumulate_grad_batches=cfg.batch_plan().accumulation,
-        logger=TensorBoardLogger(save_dir=str(folder), name="", version="tensorboard"),
+        accumulate_grad_batches=batches.accumulation, logger=ChainLogger(log),
         callbacks=[
-            checkpoints, *samples, Preemption(checkpoints),
+            checkpoints, ResumedLog(), *samples, Preemption(checkpoints),
             Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
             *fid, *progress, *(callbacks or []),
         ],

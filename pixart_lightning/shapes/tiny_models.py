@@ -26,7 +26,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from pixart_lightning.encoders.text import FEATURE_OPTIONS
+from pixart_lightning.encoders.text import FEATURE_OPTIONS, transformers_bars_off
 
 # The shapes world owns its words; they stay importable from here for the tokenizer's users.
 from pixart_lightning.shapes.world import SHAPES_VOCAB as SHAPES_VOCAB
@@ -100,7 +100,8 @@ def build_tiny_t5(
         model = T5EncoderModel(config)
     if order_aware:
         _attend_to_neighbours(model)
-    model.save_pretrained(out_dir)
+    with transformers_bars_off():
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if position_code:
         (out_dir / FEATURE_OPTIONS).write_text(json.dumps({"position_code": True}) + "\n")

@@ -21,7 +21,8 @@ class EMA(nn.Module):
     ``warmup``, r grows as min(rate, (1 + n) / (10 + n)) over the n updates so far, so the average forgets the
     initial weights within a short run instead of after ~1/(1 − rate) steps.
     Being a submodule of the LightningModule, it is saved in (and restored from) every checkpoint
-    without the optimizer ever seeing it.
+    without the optimizer ever seeing it. Its train/eval mode follows the module's, as any submodule's: the mode
+    matters only to a forward pass, and sampling (``evaluation.generate``) puts the model in eval mode itself.
     """
 
     def __init__(self, model: nn.Module, rate: float, warmup: bool = False):
@@ -30,13 +31,9 @@ class EMA(nn.Module):
             raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
         self.rate = rate
         self.warmup = warmup
-        self.model = copy.deepcopy(model).float().requires_grad_(False).eval()
+        self.model = copy.deepcopy(model).float().requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._groups: list[tuple[list[Tensor], list[Tensor]]] | None = None
-
-    def train(self, mode: bool = True) -> EMA:
-        """Stay in eval mode (no dropout in the averaged model)."""
-        return super().train(False)
 
     def _parameter_groups(self, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]]:
         """(EMA tensors, model tensors) in groups of about CHUNK_ELEMENTS; under FSDP both are sharded alike,

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from pixart_lightning.models.config import PixArtConfig
+from pixart_lightning.encoders.vae import SD_VAE_DOWNSAMPLE
+from pixart_lightning.models.config import CAPTION_TOKENS, PixArtConfig
 
 FREQ_DIM = 256
 """Width of the sinusoidal timestep / size features fed to the embedding MLPs."""
 
 
 def forward_flops(
-    cfg: PixArtConfig, height_px: int, width_px: int, vae_factor: int = 8, caption_tokens: int = 120
+    cfg: PixArtConfig, height_px: int, width_px: int, vae_factor: int = SD_VAE_DOWNSAMPLE, caption_tokens: int = CAPTION_TOKENS
 ) -> float:
     """Matrix-multiply FLOPs (2 per multiply-accumulate) of one forward pass for one image.
 
@@ -60,7 +61,7 @@ def forward_flops(
 
 
 def train_flops_per_image(
-    cfg: PixArtConfig, height_px: int, width_px: int, vae_factor: int = 8, caption_tokens: int = 120
+    cfg: PixArtConfig, height_px: int, width_px: int, vae_factor: int = SD_VAE_DOWNSAMPLE, caption_tokens: int = CAPTION_TOKENS
 ) -> float:
     """Model FLOPs of one training step per image: forward + backward = 3 x forward.
 

@@ -137,7 +137,8 @@ def test_a_start_with_four_ranks_reads_the_parent_and_the_checkpoint_once(tmp_pa
     run(DEMO, [1], overrides)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(DEMO, [2], overrides, callbacks=[Recorder(fail_at=2)])
-    parent, child = plan(DEMO, overrides)[:2]
+    units = plan(DEMO, overrides)
+    parent, child = units[:2]
     reads = count_reads(monkeypatch)
 
     def started(*args, **kwargs):
@@ -147,7 +148,7 @@ def test_a_start_with_four_ranks_reads_the_parent_and_the_checkpoint_once(tmp_pa
     for rank in range(4):
         monkeypatch.setattr(rank_zero_only, "rank", rank)
         with pytest.raises(Started):
-            runner.run_unit(child, parent, DEMO)
+            runner.run_unit(child, units, DEMO)
     assert reads == {parent.dir / "final.safetensors": 1, child.dir / "checkpoints" / "step-0000002.ckpt": 1}
 
 

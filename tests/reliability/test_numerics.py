@@ -55,7 +55,7 @@ def test_a_nan_step_changes_neither_weights_nor_ema(tmp_path: Path) -> None:
     assert torch.equal(snap.weights[2], snap.weights[1]) and torch.equal(snap.ema[2], snap.ema[1])
     assert not torch.equal(snap.weights[3], snap.weights[2])  # training goes on afterwards
     assert all(torch.isfinite(w).all() for w in snap.weights + snap.ema)
-    assert module.nonfinite_steps == {"total": 1, "in_a_row": 0}
+    assert module.nonfinite.steps == {"total": 1, "in_a_row": 0}
 
 
 def test_nonfinite_steps_in_a_row_stop_with_a_debug_checkpoint(tmp_path: Path) -> None:
