@@ -123,10 +123,15 @@ def written_record(path: str | os.PathLike) -> FileRecord | None:
     return _written.pop(Path(path).absolute(), None)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text with :func:`atomic_write`: a reader sees the old file or the new one."""
+    with atomic_write(path) as out:
+        out.write(text.encode())
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON with :func:`atomic_write`: a reader sees the old file or the new one."""
-    with atomic_write(path) as out:
-        out.write((json.dumps(payload, indent=2, default=str) + "\n").encode())
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -166,4 +166,8 @@ class DiffusionStage(L.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model.parameters(), self.cfg)
+        """AdamW; a scaled learning rate follows the global batch this Trainer runs (as the runner's does, the
+        config's plan; a benchmark on one chosen device runs fewer processes)."""
+        trainer = self._trainer
+        running = self.cfg.batch_plan().micro * trainer.accumulate_grad_batches * trainer.world_size if trainer else None
+        return build_optimizer(self.model.parameters(), self.cfg, running)

@@ -11,6 +11,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from packaging.requirements import Requirement
@@ -31,7 +32,6 @@ from pixart_lightning.gpu_check.harness import (
 from pixart_lightning.gpu_check.memory import is_out_of_memory, largest_batch
 from pixart_lightning.gpu_check.wheels import download_command, missing_packages, project_requirements, wheel_pin
 from pixart_lightning.training.compilation import compile_unavailable
-from pixart_lightning.training.parallel import parallelize
 
 CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "syncs", "sampling", "attention", "chain"]
 
@@ -229,20 +229,31 @@ def test_wheel_download_command_targets_the_gpu_machine(tmp_path):
 
 
 # ---------------------------------------------------------------------- the benchmark compares like with like
+class _StopBeforeTheFirstStep(L.Callback):
+    """Ends ``trainer.fit`` once the model is configured: the variant is applied, no step runs (nothing compiles)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
 def test_a_variant_sets_both_sides_alike(tmp_path):
     """A variant overrides the config's compile and checkpointing (the XL config turns both on) and applies the
-    same to diffusers' model: gradient checkpointing enabled, each transformer block compiled."""
+    same to both models: ours through the benchmark's own fit (the stage's ``configure_model``), diffusers' in
+    ``reference_model``: gradient checkpointing enabled, each transformer block compiled."""
     train_step = benchmark("train_step")
     setup = train_step.Setup(batch=2, steps=1, warmup=0, overrides=("model.gradient_checkpointing=true",))
     plain = train_step.stage_config(setup, train_step.VARIANTS["eager"])
     assert not plain.model.compile and not plain.model.gradient_checkpointing
     variant = train_step.VARIANTS["compiled+ckpt"]
     built = train_step.prepare(setup, variant, tmp_path)
-    parallelize(built.module.model, built.cfg, torch.device("cpu"))  # as the stage's configure_model does in fit
-    assert built.cfg.model.compile and built.module.model.gradient_checkpointing
+    trainer = train_step.fit(built, torch.device("cpu"), [_StopBeforeTheFirstStep()], tmp_path / "run")
+    assert trainer.global_step == 0
+    ours = built.module.model
+    assert built.cfg.model.compile and ours.gradient_checkpointing
     theirs = train_step.reference_model(built.module, variant, torch.device("cpu"))
     assert theirs.gradient_checkpointing
     if compile_unavailable(torch.device("cpu")) is None:
+        assert all(block._compiled_call_impl is not None for block in ours.blocks)
         assert all(block._compiled_call_impl is not None for block in theirs.transformer_blocks)
 
 

@@ -19,7 +19,7 @@ from pixart_lightning.runner.folders import (
     saved_config,
     stage_weights,
 )
-from pixart_lightning.runner.unit import read_manifest
+from pixart_lightning.runner.unit import read_unit_manifest as read_manifest
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 

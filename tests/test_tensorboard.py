@@ -18,8 +18,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks.throughput import Throughput
-from pixart_lightning.runner.chain import run
-from pixart_lightning.runner.logs import STAGE_STEP
+from pixart_lightning.runner.chain import plan, run
+from pixart_lightning.runner.logs import STAGE_STEP, unit_log
+from pixart_lightning.runner.unit import FINAL, MANIFEST
 from tests.test_stages import DEMO, Recorder, small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +127,15 @@ def test_make_tensorboard_serves_runs_on_loopback():
     [command] = [shlex.split(line) for line in out.splitlines() if line.split(" ", 1)[0].endswith("/tensorboard")]
     assert command[command.index("--logdir") + 1] == "runs"
     assert command[command.index("--host") + 1] == "127.0.0.1"
+
+
+def test_a_finished_stage_places_the_next_one_by_the_steps_it_trained(tmp_path: Path) -> None:
+    """Stage 1 trained 300 steps on the command line, the config plans 150: stage 2 starts its axis at 300, not 150
+    (which would lay it over stage 1's steps 151-300); an unfinished stage 1 counts what the config plans."""
+    overrides = [f"out_dir={tmp_path}"]
+    stage1, stage2 = plan(DEMO, overrides)[:2]
+    assert unit_log(plan(DEMO, overrides), stage2).step_offset == stage1.cfg.train.max_steps == 150
+    stage1.dir.mkdir(parents=True)
+    (stage1.dir / FINAL).write_bytes(b"")
+    (stage1.dir / MANIFEST).write_text(json.dumps({"status": "done", "steps": 300}))
+    assert unit_log(plan(DEMO, overrides), stage2).step_offset == 300

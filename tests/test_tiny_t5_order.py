@@ -7,7 +7,8 @@ import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
 from pixart_lightning.encoders.text import T5TextEncoder
-from pixart_lightning.shapes.tiny_models import ORDER_OFFSETS, SHAPES_VOCAB, build_tiny_t5, shapes_corpus
+from pixart_lightning.shapes.tiny_models import ORDER_OFFSETS, build_tiny_t5
+from pixart_lightning.shapes.world import SHAPES_VOCAB, shapes_corpus
 
 RED_CIRCLE = "a large red circle in the center on a white background"
 WHITE_CIRCLE = "a large white circle in the center on a red background"  # the same bag of words

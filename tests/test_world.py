@@ -11,8 +11,8 @@ from PIL import Image
 
 from pixart_lightning.shapes import world
 from pixart_lightning.shapes.synth import MANIFEST, synthesize
-from pixart_lightning.shapes.tiny_models import shapes_corpus, word_level_t5_tokenizer
-from pixart_lightning.shapes.world import COLORS, NUM_CLASSES, Scene, Shape
+from pixart_lightning.shapes.tiny_models import word_level_t5_tokenizer
+from pixart_lightning.shapes.world import COLORS, NUM_CLASSES, Scene, Shape, shapes_corpus
 
 PARAMS = dict(
     count=60,

@@ -75,6 +75,7 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     from pixart_lightning.encoders.loading import DTYPES
     from pixart_lightning.encoders.text import DEFAULT_T5
     from pixart_lightning.encoders.vae import DEFAULT_VAE, PIXEL_SPACE
+    from pixart_lightning.models.config import CAPTION_TOKENS
 
     p.add_argument("source", help="folder of .tar shards (from `data ingest` or `data caption`), or a pattern")
     p.add_argument("out", help="output folder; a rerun resumes, skipping finished shards")
@@ -89,7 +90,7 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-size", type=int, default=2, help="the model's patch size (bucket sides are multiples "
                    "of patch x VAE factor)")
     p.add_argument("--caption-key", default="txt", help="caption to encode: txt, dense.txt, or a json field")
-    p.add_argument("--max-length", type=int, default=120, help="T5 tokens at most")
+    p.add_argument("--max-length", type=int, default=CAPTION_TOKENS, help="T5 tokens at most")
     p.add_argument("--t5-dtype", choices=tuple(DTYPES), default="bf16", help="stored feature dtype")
     p.add_argument("--no-compress", action="store_true", help="store T5 features raw, not packed losslessly "
                    "(~70%% of raw bf16 bytes, ~3 ms to unpack per sample)")

@@ -43,12 +43,10 @@ from pixart_lightning.config.schema import (
 )
 from pixart_lightning.config.stage import BatchPlan, StageConfig
 from pixart_lightning.config.validation import FP16_REFUSED, validate
-from pixart_lightning.encoders.text import TINY_T5
-from pixart_lightning.encoders.vae import PIXEL_SPACE
 
 __all__ = [
-    "EXTRACTORS", "FP16_REFUSED", "INCEPTION_SIZE", "PIXEL_SPACE", "PRECISIONS", "SHARDINGS", "STAGES", "STRATEGIES",
-    "TINY_T5", "BatchPlan", "ConfigError", "DataSection", "DiffusionSection", "EvalSection", "FIDSection",
+    "EXTRACTORS", "FP16_REFUSED", "INCEPTION_SIZE", "PRECISIONS", "SHARDINGS", "STAGES", "STRATEGIES",
+    "BatchPlan", "ConfigError", "DataSection", "DiffusionSection", "EvalSection", "FIDSection",
     "ModelSection", "OptimSection", "SamplesSection", "StageConfig", "SynthSection", "TextEncoderSection",
     "TrainSection", "VAESection", "ValueOrigins", "load_saved", "load_stage", "phase_configs", "stage_overrides",
     "to_yaml", "validate",

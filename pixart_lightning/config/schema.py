@@ -99,7 +99,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
-    """``torch.compile`` each transformer block (after FSDP sharding; eager if compilation is unavailable).
+    """``torch.compile`` each transformer block (by ``parallelize``: after activation checkpointing, before FSDP sharding; eager if compilation is unavailable).
     Pays off on GPUs; on CPU it was measured slower (docs/performance.md)."""
     attention_backend: AttentionBackend = "auto"
     """Attention kernel: ``auto`` (matmuls on CPU for short sequences, else PyTorch's choice, without cuDNN when

@@ -122,12 +122,12 @@ class StageConfig:
                 + " or ".join(f"{m} ({per_device // m} steps)" for m in [micro, *near]))
         return BatchPlan(micro=micro, accumulation=accumulation, world_size=world)
 
-    def learning_rate(self) -> float:
+    def learning_rate(self, global_batch: int | None = None) -> float:
         """The learning rate the optimizer is given: ``optim.lr``, times sqrt(global batch / 256) with
-        ``optim.scale_lr`` (the global batch as :meth:`batch_plan` plans it)."""
+        ``optim.scale_lr``; the global batch as :meth:`batch_plan` plans it unless the running one is given."""
         if not self.optim.scale_lr:
             return self.optim.lr
-        return self.optim.lr * math.sqrt(self.batch_plan().global_batch / LR_REFERENCE_BATCH)
+        return self.optim.lr * math.sqrt((global_batch or self.batch_plan().global_batch) / LR_REFERENCE_BATCH)
 
     def pixart_config(self, **extra: Any) -> PixArtConfig:
         """The backbone config this stage trains (before any handoff changes)."""

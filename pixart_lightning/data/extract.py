@@ -51,6 +51,7 @@ from pixart_lightning.data.workers import process_device, process_rank, share
 from pixart_lightning.encoders.loading import DTYPES, load_text_encoder, load_vae
 from pixart_lightning.encoders.vae import SD_VAE_DOWNSAMPLE
 from pixart_lightning.files import atomic_path, write_json_atomic
+from pixart_lightning.models.config import CAPTION_TOKENS
 
 MANIFEST, SETTINGS = "manifest.json", "extract.json"
 
@@ -69,7 +70,7 @@ class ExtractSettings:
     max_ratio: float = 4.0
     patch_size: int = 2
     caption_key: str = "txt"
-    max_length: int = 120
+    max_length: int = CAPTION_TOKENS
     t5_dtype: str = "bf16"
     """bf16: what T5-XXL computes in on a GPU (PixArt-α extracts in bf16 too), so storing it loses nothing there."""
     t5_compress: bool = True

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from pixart_lightning.config import DataSection
 from pixart_lightning.data.positions import WorkerPosition
 from pixart_lightning.data.shards import ShardStream
+from pixart_lightning.encoders.vae import SD_VAE_DOWNSAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class ShardDataModule(L.LightningDataModule):
     """Builds the stream when training starts, after Lightning has restored the step and this module's state
     from a checkpoint."""
 
-    def __init__(self, spec: DataSection, granularity: int, captions: bool = True, latent_factor: int = 8):
+    def __init__(self, spec: DataSection, granularity: int, captions: bool = True, latent_factor: int = SD_VAE_DOWNSAMPLE):
         super().__init__()
         self.spec = spec
         self.granularity = granularity

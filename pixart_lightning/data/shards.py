@@ -51,6 +51,7 @@ from pixart_lightning.data.samples import (
 )
 from pixart_lightning.data.slots import SlotReader
 from pixart_lightning.data.sources import Handler, ImageFolder, extension, folder_files, is_remote
+from pixart_lightning.encoders.vae import SD_VAE_DOWNSAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,8 @@ class ShardStream(IterableDataset):
     """Endless, seeded stream of collated batches for one rank (worker-aware)."""
 
     def __init__(
-        self, spec: DataSection, granularity: int = 8, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
-        captions: bool = True, latent_factor: int = 8, positions: dict[int, WorkerPosition] | None = None,
+        self, spec: DataSection, granularity: int = SD_VAE_DOWNSAMPLE, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
+        captions: bool = True, latent_factor: int = SD_VAE_DOWNSAMPLE, positions: dict[int, WorkerPosition] | None = None,
     ):
         """``granularity``: bucket sides are multiples of it (patch size x VAE factor); ``captions=False``
         (stage 1) accepts samples without a caption, e.g. ImageNet-style ``jpg`` + ``cls`` shards;

@@ -44,7 +44,7 @@ def all_checks() -> list[Check]:
         Check("numerics", "bf16-mixed vs fp32 loss; non-finite steps", "no non-finite step", 25, check_numerics),
         Check("syncs", "host-device syncs per training step; EMA kernels per update", "0 syncs; a few kernels",
               20, check_step_syncs),
-        Check("sampling", "1024 px DPM-Solver++ speed; exported pipeline vs `pixart-lightning sample`",
+        Check("sampling", "1024 px DPM-Solver++ speed; `export-pipeline`'s pipeline vs `pixart-lightning sample`'s PNG",
               "same image for the same seed", 35, check_sampling),
         Check("attention", "SDPA backends vs math, bf16 forward + backward", "every usable backend agrees", 25,
               check_attention),

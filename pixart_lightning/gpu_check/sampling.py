@@ -1,5 +1,6 @@
-"""Check 6: sampling speed at 1024 px, and the exported PixArtAlphaPipeline giving the image our sampler gives (what
-`pixart-lightning sample` draws) for the same seed."""
+"""Check 7: sampling speed at 1024 px, and the user's commands end to end: the PixArtAlphaPipeline that
+`pixart-lightning export-pipeline` writes draws on the device the image that `pixart-lightning sample` saves as a PNG
+for the same prompt and seed."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from pixart_lightning.cli import main as cli
 from pixart_lightning.encoders.text import T5TextEncoder
 from pixart_lightning.encoders.vae import VAE
 from pixart_lightning.evaluation.generate import generate
 from pixart_lightning.gpu_check.harness import Context
 from pixart_lightning.gpu_check.training import activate_zero_layers
-from pixart_lightning.interop import load_model, save_weights
-from pixart_lightning.interop.pipeline import export_pipeline
+from pixart_lightning.interop import save_weights
 from pixart_lightning.models import PixArt, PixArtConfig
-from pixart_lightning.runner.folders import load_run_artifacts
 from pixart_lightning.shapes.tiny_models import build_tiny_t5, build_tiny_vae
 
 PROMPTS = ("a large red circle in the center on a white background",
@@ -25,8 +26,8 @@ PROMPTS = ("a large red circle in the center on a white background",
            "a large green triangle in the lower right on a black background",
            "a large yellow circle on the left on a purple background")
 SAME_IMAGE_LEVELS = 3
-"""Largest per-pixel difference (of 255) still counted as the same image: the pipeline runs on the device, our
-sampler on the CPU, and cuDNN convolutions default to TF32."""
+"""Largest per-pixel difference (of 255) still counted as the same image: the pipeline runs on the device, the CLI
+on the CPU, and cuDNN convolutions default to TF32."""
 
 
 def tiny_encoders(folder: Path) -> tuple[Path, Path]:
@@ -61,27 +62,29 @@ def seconds_per_image(ctx: Context, t5: Path, vae_folder: Path) -> None:
                         f"batch {s.sample_batch}, guidance 4.5; tiny VAE decoder (not the SD VAE's cost)")
 
 
-def pipeline_matches_ours(ctx: Context, t5: Path, vae: Path, prediction: str) -> dict[str, float | bool]:
-    """A small random model saved with its prediction type, exported as a pipeline, and loaded from its weights file
-    and sampled as ``sample`` does (CPU); the exported pipeline samples the same prompt and seed on the device.
-    Guidance 1: diffusers guides with T5("") where our sampler uses the model's null caption."""
+def pipeline_matches_sample(ctx: Context, t5: Path, vae: Path, prediction: str) -> dict[str, float | bool]:
+    """A small random model saved with its prediction type, exported with ``export-pipeline`` and sampled with
+    ``sample`` (CPU) into a PNG; the exported pipeline samples the same prompt and seed on the device. Guidance 1:
+    diffusers guides with T5("") where our sampler uses the model's null caption."""
     s = ctx.sizes
     folder = ctx.work / f"pipeline-{prediction}"
     side, steps = s.pipeline_resolution, s.sample_steps
     cfg = PixArtConfig.from_name("PixArt-debug/2", caption_channels=T5TextEncoder.from_pretrained(t5).dim,
                                  sample_size=side // 8)
     weights = save_weights(activate_zero_layers(PixArt(cfg), std=0.2), folder / "model.safetensors", prediction)
-    export_pipeline(load_model(weights), folder / "pipeline", t5, vae, prediction)
-    run = load_run_artifacts(weights, text_encoder=str(t5), vae=str(vae))
-    image = generate(run.model, run.vae, prompts=[PROMPTS[0]], encoder=run.encoder, height=side, width=side,
-                     steps=steps, cfg_scale=1.0, seed=0, prediction=run.prediction)[0]
+    for args in (["export-pipeline", str(weights), str(folder / "pipeline"), "--text-encoder", str(t5), "--vae", str(vae)],
+                 ["sample", "--ckpt", str(weights), "--prompt", PROMPTS[0], "--text-encoder", str(t5), "--vae", str(vae),
+                  "--height", str(side), "--width", str(side), "--num", "1", "--steps", str(steps), "--cfg", "1.0",
+                  "--seed", "0", "--out", str(folder / "sample")]):
+        if cli(args) != 0:
+            raise RuntimeError(f"pixart-lightning {args[0]} failed (its error is printed above)")
     from diffusers import PixArtAlphaPipeline
 
     pipe = PixArtAlphaPipeline.from_pretrained(folder / "pipeline").to(ctx.device)
     theirs = pipe(PROMPTS[0], height=side, width=side, num_inference_steps=steps, guidance_scale=1.0,
                   use_resolution_binning=False, clean_caption=False, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images[0]
-    ours = image.permute(1, 2, 0).numpy().astype(np.int16)
+    ours = np.asarray(Image.open(folder / "sample" / "000-00.png").convert("RGB")).astype(np.int16)
     difference = np.abs(ours - np.round(theirs * 255).astype(np.int16))
     return {"max_difference": int(difference.max()), "mean_difference": float(difference.mean()),
             "same_image": int(difference.max()) <= SAME_IMAGE_LEVELS}
@@ -91,4 +94,4 @@ def check_sampling(ctx: Context) -> None:
     t5, vae = tiny_encoders(ctx.work)
     seconds_per_image(ctx, t5, vae)
     for prediction in ("epsilon", "v"):
-        ctx.record(f"pipeline_vs_sample_{prediction}", pipeline_matches_ours(ctx, t5, vae, prediction))
+        ctx.record(f"pipeline_vs_sample_{prediction}", pipeline_matches_sample(ctx, t5, vae, prediction))

@@ -33,13 +33,13 @@ from pixart_lightning.data.module import ShardDataModule
 from pixart_lightning.data.shards import read_manifest
 from pixart_lightning.encoders.loading import load_text_encoder, load_vae
 from pixart_lightning.encoders.text import PromptFeatures
-from pixart_lightning.files import sha256
+from pixart_lightning.files import sha256, write_text_atomic
 from pixart_lightning.interop import load_weights
 from pixart_lightning.runner.inputs import check_features, check_paths, prepare_data, text_encoder_path
 from pixart_lightning.runner.logs import unit_log
 from pixart_lightning.runner.report import finish, print_summary, record_training, start_manifest, write_json
 from pixart_lightning.runner.trainer import make_trainer
-from pixart_lightning.runner.unit import FINAL, MANIFEST, SAVED_CONFIG, RunnerError, Unit
+from pixart_lightning.runner.unit import CHECKPOINTS, FINAL, MANIFEST, SAVED_CONFIG, RunnerError, Unit
 from pixart_lightning.training.parallel import consolidated, rank_zero_result
 from stages import STAGE_MODULES
 from stages.base import DiffusionStage
@@ -103,13 +103,13 @@ def run_unit(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if rank_zero_only.rank == 0:
-        (unit.dir / SAVED_CONFIG).write_text(to_yaml(cfg))
+        write_text_atomic(unit.dir / SAVED_CONFIG, to_yaml(cfg))
     started = time.time()
     module, datamodule, text_path = _build(unit, parent_weights)
     batches = cfg.batch_plan()
     parent_record = {"path": str(parent_weights), "sha256": parent_sha} if parent_weights else None
     manifest = start_manifest(unit, text_path, parent_record, batches, previous.get("wall_time_s", 0.0))
-    checkpoints = Checkpoints(unit.dir / "checkpoints", cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    checkpoints = Checkpoints(unit.dir / CHECKPOINTS, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
     resume = latest_good(checkpoints.folder)
     if resume is not None and resume.is_dir() and cfg.train.strategy != "fsdp":
         raise RunnerError(f"{resume} is a sharded FSDP checkpoint: resume with train.strategy=fsdp and the same number "

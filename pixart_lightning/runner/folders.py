@@ -19,7 +19,7 @@ from pixart_lightning.encoders.text import DEFAULT_T5, T5TextEncoder
 from pixart_lightning.encoders.vae import DEFAULT_VAE, VAE, PixelSpace
 from pixart_lightning.interop import load_model, read_prediction
 from pixart_lightning.models import PixArt
-from pixart_lightning.runner.unit import FINAL, FINAL_EMA, SAVED_CONFIG, read_manifest
+from pixart_lightning.runner.unit import FINAL, FINAL_EMA, SAVED_CONFIG, read_unit_manifest
 
 
 def stage_weights(path: str | Path, ema: bool = False) -> Path:
@@ -50,7 +50,7 @@ def sampling_weights(path: str | Path) -> Path:
 def resolve_prediction(weights: str | Path, chosen: str | None = None) -> str:
     """What the model predicts: ``chosen``, else what the weights record, else their stage's manifest, else epsilon
     (with a note on stderr: weights written before the prediction was recorded)."""
-    prediction = chosen or read_prediction(weights) or read_manifest(weights).get("prediction")
+    prediction = chosen or read_prediction(weights) or read_unit_manifest(weights).get("prediction")
     if prediction is None:
         print(f"note: {weights} does not record what the model predicts; assuming epsilon "
               "(pass --prediction v for a model trained with diffusion.prediction=v)", file=sys.stderr)
@@ -86,7 +86,7 @@ def load_run_artifacts(
     the encoders are PixArt-α's (:data:`DEFAULT_T5`, :data:`DEFAULT_VAE`), loaded with :func:`load_text_encoder`'s
     maximum length and dtype.
     """
-    manifest = read_manifest(checkpoint)
+    manifest = read_unit_manifest(checkpoint)
     weights = sampling_weights(checkpoint)
     model = load_model(weights)
     encoder = None

@@ -41,9 +41,11 @@ class UnitLog:
 
 
 def unit_log(units: list[Unit], unit: Unit) -> UnitLog:
-    """The unit's log in the chain of ``units`` (the plan, every stage of the config folder, in order)."""
+    """The unit's log in the chain of ``units`` (the plan, every stage of the config folder, in order). A finished
+    unit counts the steps it trained (its manifest's), which a later command line may plan differently."""
     place = [(u.stage, u.phase) for u in units].index((unit.stage, unit.phase))
-    offset = sum(u.cfg.train.max_steps for u in units[:place])
+    offset = sum(u.manifest().get("steps", u.cfg.train.max_steps) if u.done else u.cfg.train.max_steps
+                 for u in units[:place])
     return UnitLog(unit.label, chain_tensorboard(unit.cfg.run_dir), offset)
 
 
@@ -99,7 +101,7 @@ class ChainLogger(TensorBoardLogger):
         metrics = dict(metrics)
         if metrics.pop("epoch", None) is not None and step is not None:
             step += 1
-        if step is not None and step != self._stage_step:
+        if step and step != self._stage_step:  # step 0 shares its place with the previous unit's last step
             metrics[STAGE_STEP] = self._stage_step = step
         super().log_metrics(metrics, step)
 

@@ -18,7 +18,7 @@ from pixart_lightning.files import sha256, write_json_atomic
 from pixart_lightning.interop import save_weights
 from pixart_lightning.models import PixArt
 from pixart_lightning.runner.logs import chain_tensorboard
-from pixart_lightning.runner.unit import FINAL, FINAL_EMA, MANIFEST, SAVED_CONFIG, Unit
+from pixart_lightning.runner.unit import ALIGNMENT, FINAL, FINAL_EMA, MANIFEST, SAMPLES, SAVED_CONFIG, Unit
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -70,7 +70,7 @@ def finish(
     manifest["steps"] = cfg.train.max_steps
     write_json(unit.dir / MANIFEST, manifest)
     print(f"{unit.label}: done in {manifest['wall_time_s']:.0f} s -> {unit.dir / FINAL}\n"
-          f"  samples: {unit.dir / 'samples'}   TensorBoard: tensorboard --logdir {chain_tensorboard(cfg.run_dir)}",
+          f"  samples: {unit.dir / SAMPLES}   TensorBoard: tensorboard --logdir {chain_tensorboard(cfg.run_dir)}",
           flush=True)
 
 
@@ -83,7 +83,7 @@ def _score_alignment(unit: Unit, trainer: L.Trainer, model: PixArt, encoders: Fr
         cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction, precision=trainer.precision,
         decode_batch=cfg.samples.decode_batch,
     )
-    write_json(unit.dir / "alignment.json", result)
+    write_json(unit.dir / ALIGNMENT, result)
     for logger in trainer.loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in result.items() if k.endswith("accuracy")}, trainer.global_step)
         logger.save()
@@ -104,6 +104,6 @@ def print_summary(units: list[Unit]) -> None:
         print(f"  {unit.label:16s} {m.get('wall_time_s', 0):7.0f} s   "
               + (f"alignment {score:.2f}   " if score is not None else "")
               + (f"FID {fids}   " if fids else "")
-              + f"samples: {unit.dir / 'samples' / 'final.png'}")
+              + f"samples: {unit.dir / SAMPLES / 'final.png'}")
     if units:
         print(f"  TensorBoard: tensorboard --logdir {chain_tensorboard(units[0].cfg.run_dir)}   (or: make tensorboard)")

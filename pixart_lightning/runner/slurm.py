@@ -6,7 +6,7 @@ process per task (one per GPU) and Lightning reads ranks and the node list from 
 cancels the rest of the chain (``--kill-on-invalid-dep``) instead of leaving it pending forever.
 
 Time limits and preemption: Slurm sends SIGUSR1 90 s before the limit (``--signal``); callbacks/preemption.py
-checkpoints and requeues the job (``--requeue``), which keeps its job id, so the dependent jobs keep waiting,
+checkpoints and the runner's rank 0 requeues the job (``--requeue``), which keeps its job id, so the dependent jobs keep waiting,
 and the rerun resumes from the newest checkpoint. ``--open-mode=append`` keeps every attempt in one log.
 
 The scripts are written to ``<run folder>/slurm/stage<N>.sbatch`` (resubmit one with ``sbatch``), the logs to

@@ -21,6 +21,7 @@ from pixart_lightning.config import StageConfig
 from pixart_lightning.files import atomic_write, note_written
 from pixart_lightning.runner.console import QuietTrainer, quiet_lightning
 from pixart_lightning.runner.logs import TENSORBOARD, ChainLogger, ResumedLog, UnitLog
+from pixart_lightning.runner.unit import SAMPLES
 from pixart_lightning.training.parallel import make_strategy
 
 
@@ -51,7 +52,7 @@ def make_trainer(
     with quiet_lightning():  # detect() warns as the Trainer does (runner/console.py)
         slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
     environment = [SLURMEnvironment(auto_requeue=False)] if slurm else []
-    samples = [SampleGrid(cfg.samples, folder / "samples", cfg.text_mode)] if evaluation else []
+    samples = [SampleGrid(cfg.samples, folder / SAMPLES, cfg.text_mode)] if evaluation else []
     fid = [FIDCallback(cfg.fid, folder, progress=cfg.train.progress_bar)] if evaluation and cfg.fid.enabled else []
     # The bar reads the logged loss on the host: refresh it when there is a new one, not every step.
     bar = StageProgressBar(log.label, batches.global_batch, refresh_rate=cfg.train.log_every)

@@ -12,13 +12,15 @@ from pixart_lightning.config import StageConfig
 FINAL, FINAL_EMA, MANIFEST = "final.safetensors", "final-ema.safetensors", "manifest.json"
 SAVED_CONFIG = "config.yaml"
 """The unit's resolved config, as it trained."""
+CHECKPOINTS, SAMPLES, ALIGNMENT = "checkpoints", "samples", "alignment.json"
+"""The resumable checkpoints (+ ``index.json``), the sample grids, the alignment scores."""
 
 
 class RunnerError(RuntimeError):
     """A run cannot proceed as asked (missing parent stage, changed parent); the message says what to do."""
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_unit_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the stage folder that is ``path`` or holds the file ``path``; {} where there is none."""
     path = Path(path)
     manifest = (path if path.is_dir() else path.parent) / MANIFEST
@@ -43,7 +45,7 @@ class Unit:
         return f"stage {self.stage}" + (f" ({self.phase})" if self.phase else "")
 
     def manifest(self) -> dict[str, Any]:
-        return read_manifest(self.dir / MANIFEST)  # named as a file in the folder: the folder may not exist yet
+        return read_unit_manifest(self.dir / MANIFEST)  # named as a file in the folder: the folder may not exist yet
 
     @property
     def done(self) -> bool:

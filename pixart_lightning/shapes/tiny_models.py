@@ -27,10 +27,7 @@ from transformers import (
 )
 
 from pixart_lightning.encoders.text import FEATURE_OPTIONS, transformers_bars_off
-
-# The shapes world owns its words; they stay importable from here for the tokenizer's users.
-from pixart_lightning.shapes.world import SHAPES_VOCAB as SHAPES_VOCAB
-from pixart_lightning.shapes.world import shapes_corpus as shapes_corpus
+from pixart_lightning.shapes.world import shapes_corpus
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5 expects
 # Any word is cheaper whole than spelled out, so known words never split; unknown ones fall back to characters.

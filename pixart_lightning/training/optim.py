@@ -11,12 +11,14 @@ from torch import nn
 from pixart_lightning.config import StageConfig
 
 
-def build_optimizer(parameters: Iterable[nn.Parameter], cfg: StageConfig) -> dict[str, Any]:
-    """AdamW at ``cfg.learning_rate()``, warmed up linearly over ``optim.warmup_steps``, as Lightning's
+def build_optimizer(
+    parameters: Iterable[nn.Parameter], cfg: StageConfig, global_batch: int | None = None
+) -> dict[str, Any]:
+    """AdamW at ``cfg.learning_rate(global_batch)``, warmed up linearly over ``optim.warmup_steps``, as Lightning's
     ``configure_optimizers`` returns it (the schedule stepped every optimizer step)."""
     o = cfg.optim
     parameters = list(parameters)
-    hyper = {"lr": cfg.learning_rate(), "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    hyper = {"lr": cfg.learning_rate(global_batch), "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     try:  # one kernel for all parameters, and it can skip a non-finite step on the device
         optimizer = torch.optim.AdamW(parameters, fused=True, **hyper)
     except RuntimeError:  # fused needs float parameters on a device with the kernel

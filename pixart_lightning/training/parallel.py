@@ -245,13 +245,13 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 
 def consolidated(model: PixArt, average: PixArt | None, device: torch.device) -> tuple[PixArt | None, PixArt | None]:
-    """(model, EMA model) as plain, unsharded modules on rank 0, whatever the strategy; unsharded ones are returned
-    as they are, on every rank.
+    """(model, EMA model) as plain, unsharded modules on rank 0, whatever the strategy, the EMA copy in eval mode
+    (it only samples and is saved); unsharded ones are returned as they are, on every rank.
 
     Collective under FSDP (every rank must call it; the others get ``(None, None)``).
     """
     if not is_sharded(model):
-        return model, average
+        return model, average.eval() if average is not None else None
     plain: list[PixArt | None] = []
     for module in (model, average):
         state = full_state_dict(module) if module is not None else {}
