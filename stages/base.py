@@ -23,7 +23,7 @@ from pixart_lightning.encoders.text import LazyTextEncoder, PromptFeatures, T5Te
 from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
 from pixart_lightning.evaluation.stage_samples import generation_prompts
 from pixart_lightning.models import PixArt
-from pixart_lightning.training import parallel
+from pixart_lightning.training import lora, parallel
 from pixart_lightning.training.draws import Slot, StepDraws
 from pixart_lightning.training.ema import EMA
 from pixart_lightning.training.nonfinite import NonFiniteGuard
@@ -78,16 +78,32 @@ class DiffusionStage(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks around training
     def configure_model(self) -> None:
-        """Activation checkpointing, compilation and, under FSDP, sharding (:func:`parallel.parallelize`)."""
+        """LoRA adapters, activation checkpointing, compilation and, under FSDP, sharding
+        (:func:`parallel.parallelize`)."""
         sharded = isinstance(self.trainer.strategy, parallel.ShardedStrategy)
         mesh = self.device_mesh["data_parallel"] if sharded else None
         parallel.parallelize(self.model, self.cfg, self.device, mesh, average=self.averaged)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under LoRA the checkpoint keeps only the adapters (and their average) of the weights: the frozen base is
+        the stage's parent or init weights, which the runner loads again to resume."""
         record_world_size(checkpoint, self.trainer.world_size)
+        if self.cfg.model.lora is not None:
+            frozen = self._frozen_base(checkpoint["state_dict"])
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under LoRA the frozen base comes from the model as built (what :meth:`on_save_checkpoint` left out), so
+        the load stays strict for everything the checkpoint must hold."""
         check_world_size(checkpoint, self.trainer.world_size)
+        if self.cfg.model.lora is not None:
+            state = self.state_dict()
+            checkpoint["state_dict"] = {**{k: state[k] for k in self._frozen_base(state)}, **checkpoint["state_dict"]}
+
+    def _frozen_base(self, state: dict[str, Tensor]) -> set[str]:
+        """The keys of a state dict of this module that are the LoRA stage's frozen base: its model's and its EMA
+        copy's weights other than the adapters."""
+        return {k for k in state if k.startswith(("model.", "ema.model.")) and not lora.is_adapter_key(k)}
 
     def on_fit_start(self) -> None:
         self.encoders.to(self.device)
@@ -144,7 +160,7 @@ class DiffusionStage(L.LightningModule):
         """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping); a step whose gradient is
         not finite is skipped on the device (:class:`NonFiniteGuard`)."""
         if self._params is None:
-            self._params = list(self.model.parameters())
+            self._params = lora.trainable(self.model)
         norm = parallel.clip_grad_norm(self._params, self.cfg.optim.grad_clip or math.inf)
         if self._logging_step():
             self.log("train/grad_norm", norm, on_step=True, batch_size=1)

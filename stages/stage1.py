@@ -7,33 +7,27 @@ from typing import Any
 from torch import Tensor
 
 from pixart_lightning.config import StageConfig
-from pixart_lightning.interop import load_model
+from pixart_lightning.interop.init_from import adopt, check_fits, starting_model
 from pixart_lightning.interop.state_dicts import IncompatibleCheckpointError
 from pixart_lightning.models import PixArt
 from stages.base import DiffusionStage
 
 
 class PixelDependency(DiffusionStage):
-    """Class mode (adaLN-Zero, label embedding); optionally initialised from a DiT checkpoint."""
+    """Class mode (adaLN-Zero, label embedding); optionally initialised from a DiT checkpoint (``model.init_from``)."""
 
     @classmethod
     def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
-        source = cfg.model.init_from
-        if not source:
-            return PixArt(cfg.pixart_config())
-        pretrained = load_model(source)
-        if pretrained.cfg.mode != "class":
+        start, source = starting_model(cfg, parent)
+        wanted = cfg.pixart_config()
+        if start is None:
+            return PixArt(wanted)
+        if start.cfg.mode != "class":
             raise IncompatibleCheckpointError(f"{source}: stage 1 starts from a class-conditional (DiT) checkpoint")
         # The checkpoint's own position table (read off its pos_embed) unless the config names a scale.
-        scale = cfg.model.interpolation_scale or pretrained.cfg.interpolation_scale
-        model = PixArt(cfg.pixart_config(interpolation_scale=scale))
-        result = model.load_state_dict(pretrained.state_dict(), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise IncompatibleCheckpointError(
-                f"{source} does not fit model.size={cfg.model.size}: missing {result.missing_keys[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}"
-            )
-        return model
+        scale = cfg.model.interpolation_scale or start.cfg.interpolation_scale
+        check_fits(start.cfg, wanted, source)
+        return adopt(start, wanted.replace(interpolation_scale=scale))
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Check the labels while the batch is on the host, where reading them costs no device sync."""

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from pixart_lightning.config import StageConfig
+from pixart_lightning.interop.init_from import adopt, check_fits, starting_model
 from pixart_lightning.models import PixArt, class_to_text
 from pixart_lightning.models.pixart import trim_caption_padding
 from stages.base import DiffusionStage
@@ -17,12 +18,20 @@ class TextAlignment(DiffusionStage):
 
     @classmethod
     def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
-        if parent is None:
-            return PixArt(cfg.pixart_config(caption_channels=caption_channels))
-        if parent.cfg.mode != "class":
-            raise ValueError("stage 2 starts from stage 1's class-conditional model")
-        # Re-parameterise: at t = 500 the new model computes the old one with the label left out.
-        return class_to_text(parent, caption_channels=caption_channels, class_dropout_prob=cfg.model.class_dropout_prob)
+        """From stage 1's model or ``model.init_from``: a class-mode model is re-parameterised (at t = 500 the
+        new model computes the old one with the label left out), a text-mode one continues as it is."""
+        start, source = starting_model(cfg, parent)
+        wanted = cfg.pixart_config(caption_channels=caption_channels)
+        if start is None:
+            return PixArt(wanted)
+        if start.cfg.mode == "class":
+            model = class_to_text(start, caption_channels=caption_channels, class_dropout_prob=wanted.class_dropout_prob)
+        else:
+            # As stage 1: the checkpoint's own position scale unless the config names one.
+            scale = cfg.model.interpolation_scale or start.cfg.interpolation_scale
+            model = adopt(start, start.cfg.replace(class_dropout_prob=wanted.class_dropout_prob, interpolation_scale=scale))
+        check_fits(model.cfg, wanted, source)
+        return model
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Cut or pad precomputed captions to the batch's longest caption rounded up to a multiple of

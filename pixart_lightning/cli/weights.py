@@ -28,7 +28,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="with a stage folder: its EMA weights instead of the raw ones")
     p.add_argument("--size", help="named size for what shapes cannot tell (heads), e.g. PixArt-XL/2")
     p.add_argument("--num-heads", type=int, help="number of attention heads (overrides --size)")
-    p.add_argument("--container", help="sub-dict of the checkpoint to read, e.g. state_dict_ema")
+    p.add_argument("--container", help="sub-dict of the checkpoint to read (default: state_dict_ema where present, else state_dict)")
 
 
 def _convert_options(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,8 @@ Precision = Literal["32", "bf16-mixed"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 Sharding = Literal["full", "grad_op", "hybrid"]
 Extractor = Literal["inception", "tiny"]
+LoRATargets = Literal["attention", "attention+mlp", "all"]
+LoRABaseDtype = Literal["fp32", "bf16"]
 # Built from the tuples of the packages that own these choices:
 TextDtype = Literal[tuple(DTYPES)]  # pixart_lightning.encoders.loading
 ModelSize = Literal[tuple(MODEL_SIZES)]  # pixart_lightning.models.config
@@ -38,6 +40,7 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 SHARDINGS: tuple[str, ...] = typing.get_args(Sharding)
 EXTRACTORS: tuple[str, ...] = typing.get_args(Extractor)
+LORA_TARGETS: tuple[str, ...] = typing.get_args(LoRATargets)
 INCEPTION_SIZE = 299
 """The side, in pixels, clean-fid's Inception-v3 takes its images at."""
 
@@ -72,6 +75,27 @@ def choice_problem(key: str, value: Any, choices: tuple) -> str:
 
 
 @dataclass(kw_only=True)
+class LoRASection:
+    """Low-rank adapters (peft's LoRA) on the backbone's Linear layers: only they train (``training/lora.py``)."""
+
+    rank: int = 16
+    """Rank r of each adapter B·A (A: r x in, B: out x r), at least 1."""
+    alpha: float = 16.0
+    """The adapter's output is scaled by alpha / rank; positive."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training, in [0, 1)."""
+    targets: LoRATargets = "attention"
+    """The layers adapted: ``attention`` (each block's self-attention ``attn.qkv``, ``attn.proj`` and
+    cross-attention ``cross_attn.q_linear``, ``kv_linear``, ``proj``), ``attention+mlp`` (also each block's
+    ``mlp.fc1``, ``mlp.fc2``), ``all`` (also the adaLN-single ``t_block.1``, the caption projection
+    ``y_embedder.y_proj.fc1``, ``fc2`` and, in class mode, the ``adaLN_modulation.1`` of each block and of the
+    final layer)."""
+    base_dtype: LoRABaseDtype = "fp32"
+    """Dtype of the frozen base's Linear weights: ``bf16`` halves their memory (needs ``train.precision=bf16-mixed``);
+    the adapters stay fp32 master weights either way. The handoff is merged in fp32 (from the bf16-rounded base)."""
+
+
+@dataclass(kw_only=True)
 class ModelSection:
     size: ModelSize = "PixArt-XL/2"
     """A named size (``PixArt-XL/2``, ``PixArt-tiny/4``, …); the fields below override it when set."""
@@ -95,7 +119,8 @@ class ModelSection:
     interpolation_scale: float | None = None
     """Position-embedding scale (PixArt's ``lewei_scale``: grid coordinates are divided by it), positive. None follows
     the official rule, max(latent side // 64, 1): 1 at 256 and 512 px, 2 at 1024 px (DiT's own table at 256 px).
-    Stage 1 started from ``init_from`` keeps the checkpoint's own scale unless this is set."""
+    A stage started from ``init_from`` (stage 1, or stage 2 from a text checkpoint) keeps the checkpoint's own
+    scale unless this is set."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
@@ -107,7 +132,14 @@ class ModelSection:
     where it has no kernel for the inputs, e.g. ``flash`` with padded captions on a GPU). A setting of this run,
     not saved with the weights."""
     init_from: str | None = None
-    """Stage 1 only: a DiT / PixArt checkpoint (file or diffusers folder) to start from."""
+    """A checkpoint to start this stage from instead of the previous stage's weights (which it then does not need):
+    an official PixArt-α ``.pth`` (its EMA weights when it holds them) or DiT ``.pt``, our ``.safetensors``, a
+    diffusers transformer or pipeline folder, or a hub id such as ``PixArt-alpha/PixArt-XL-2-512x512``. Stage 1
+    takes a class-mode (DiT) checkpoint; stage 2 a class-mode one (through ``class_to_text``) or a text-mode one;
+    stage 3 a text-mode one, moved to its resolution. Its shapes must fit the configured model."""
+    lora: LoRASection | None = None
+    """Train low-rank adapters on the frozen backbone instead of all its weights; None: full fine-tuning. The
+    stage's checkpoints then hold only the adapters, and its ``final.safetensors`` the merged weights."""
 
 
 @dataclass(kw_only=True)

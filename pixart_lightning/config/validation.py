@@ -89,8 +89,6 @@ def _combination_problems(cfg: StageConfig) -> list[str]:
     found = []
     if cfg.train.sharding == "hybrid" and cfg.train.strategy == "fsdp" and cfg.train.num_nodes < 2:
         found.append("train.sharding=hybrid replicates across nodes: it needs train.num_nodes >= 2")
-    if cfg.model.init_from and cfg.stage != 1:
-        found.append("model.init_from is for stage 1; stages 2 and 3 start from the previous stage's weights")
     if cfg.data.min_ratio > cfg.data.max_ratio:
         found.append(f"data.min_ratio={cfg.data.min_ratio} is above data.max_ratio={cfg.data.max_ratio}")
     if cfg.data.multi_scale and cfg.stage != 3:
@@ -101,10 +99,31 @@ def _combination_problems(cfg: StageConfig) -> list[str]:
     return found
 
 
+def _lora_problems(cfg: StageConfig) -> list[str]:
+    """The adapters' ranges, and what they cannot be combined with (its target set is a choice problem)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return []
+    found = []
+    if lora.rank < 1:
+        found.append(f"model.lora.rank={lora.rank}: must be at least 1")
+    if lora.alpha <= 0:
+        found.append(f"model.lora.alpha={lora.alpha}: must be positive")
+    if not 0 <= lora.dropout < 1:
+        found.append(f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
+    if lora.base_dtype == "bf16" and cfg.train.precision != "bf16-mixed":
+        found.append(f"model.lora.base_dtype=bf16 needs train.precision=bf16-mixed (not {cfg.train.precision}): "
+                     "bf16 weights are multiplied under its autocast")
+    if cfg.train.strategy == "fsdp":
+        found.append("model.lora with train.strategy=fsdp is not supported yet (a sharded checkpoint of the adapters "
+                     "alone does not load); use ddp: the frozen base needs no optimizer state to shard")
+    return found
+
+
 def validate(cfg: StageConfig) -> StageConfig:
     """Collect every problem, then raise once (so a user fixes them in one go)."""
     problems = [*_choice_problems(cfg), *cfg.fid.problems(), *_range_problems(cfg), *_batch_problems(cfg),
-                *_model_problems(cfg), *_combination_problems(cfg)]
+                *_model_problems(cfg), *_combination_problems(cfg), *_lora_problems(cfg)]
     if problems:
         raise ConfigError(*problems)
     return cfg

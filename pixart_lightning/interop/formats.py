@@ -13,6 +13,7 @@ from torch import Tensor
 from pixart_lightning.diffusion.gaussian_diffusion import check_prediction
 from pixart_lightning.diffusion.schedule import DIFFUSERS_PREDICTION_TYPES
 from pixart_lightning.files import atomic_path
+from pixart_lightning.hub import pipeline_subfolder
 from pixart_lightning.interop.diffusers_keys import dit_rules, pixart_rules, to_ours, to_theirs
 from pixart_lightning.interop.state_dicts import (
     IncompatibleCheckpointError,
@@ -157,10 +158,7 @@ def to_diffusers_model(model: PixArt):
 def load_diffusers(folder: str | Path, subfolder: str | None = None) -> PixArt:
     """Import a diffusers ``PixArtTransformer2DModel`` folder (or a pipeline's ``transformer/``)."""
     folder = Path(folder)
-    if subfolder is None and not (folder / "config.json").is_file() and (folder / "transformer").is_dir():
-        subfolder = "transformer"
-    if subfolder:
-        folder = folder / subfolder
+    folder = folder / (subfolder or pipeline_subfolder(folder, "transformer") or "")
     config = json.loads((folder / "config.json").read_text())
     if config.get("norm_type") != "ada_norm_single":
         raise IncompatibleCheckpointError(
@@ -216,8 +214,10 @@ def load_model(source: str | Path, **config_options) -> PixArt:
 
     A folder is a diffusers transformer (or pipeline) folder; a ``.safetensors`` file written by
     pixart-lightning carries its own config; anything else is an official PixArt-α or DiT
-    checkpoint, read with ``weights_only=True`` and shaped by :func:`infer_config` (pass ``size=``
-    or ``num_heads=`` where the shapes cannot tell).
+    checkpoint, read with ``weights_only=True`` (from its EMA weights when it holds them: see
+    :func:`~pixart_lightning.interop.state_dicts.read_state_dict`) and shaped by :func:`infer_config`
+    (pass ``size=`` or ``num_heads=`` where the shapes cannot tell; other formats carry their own).
+    Hub ids are resolved first by :func:`~pixart_lightning.interop.init_from.resolve_checkpoint`.
     """
     source = Path(source)
     if source.is_dir():

@@ -13,14 +13,17 @@ import pickle
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from safetensors.torch import load_file
 from torch import Tensor
 
 from pixart_lightning.models.config import MODEL_SIZES, PixArtConfig
 from pixart_lightning.models.pixart import PixArt, sincos_2d
 
-# Wrappers used by training scripts around the weights, in order of preference.
-_CONTAINER_KEYS = ("state_dict", "ema", "model", "module")
+# Wrappers used by training scripts around the weights, in order of preference: PixArt-α's training checkpoints
+# hold ``state_dict`` and ``state_dict_ema``, DiT's ``model`` and ``ema``; the EMA weights are the ones released.
+_CONTAINER_KEYS = ("state_dict_ema", "state_dict", "ema", "model", "module")
+_EMA_CONTAINERS = ("state_dict_ema", "ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
@@ -31,8 +34,9 @@ class IncompatibleCheckpointError(ValueError):
 def read_state_dict(path: str | Path, container: str | None = None) -> dict[str, Tensor]:
     """Tensors of a ``.safetensors``/``.pt``/``.pth`` file, loaded without running pickled code.
 
-    ``container`` picks a sub-dict (e.g. ``state_dict_ema`` of an official training checkpoint);
-    by default the first of ``state_dict``, ``ema``, ``model``, ``module`` present is used.
+    ``container`` picks a sub-dict (e.g. ``state_dict`` of an official training checkpoint, its raw weights);
+    by default the first of ``state_dict_ema``, ``state_dict``, ``ema``, ``model``, ``module`` present is used,
+    so the EMA weights when the file holds them (said on stdout).
     """
     path = Path(path)
     if not path.is_file():
@@ -58,6 +62,8 @@ def read_state_dict(path: str | Path, container: str | None = None) -> dict[str,
             inner = next((k for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
             if inner is None:
                 raise IncompatibleCheckpointError(f"{path} holds no tensors; top-level keys: {sorted(obj)[:10]}")
+            if inner in _EMA_CONTAINERS and rank_zero_only.rank == 0:
+                print(f"{path}: loading its EMA weights ({inner!r})", flush=True)
             obj = obj[inner]
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     for prefix in _PREFIXES:

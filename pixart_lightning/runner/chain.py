@@ -9,7 +9,9 @@ Every stage (or phase of a stage) is a *unit* with its own folder ``runs/<name>/
 
 All units log into one TensorBoard run, ``runs/<name>/tensorboard/``, on one step axis (:mod:`.logs`).
 A unit whose manifest says ``done`` is skipped; an interrupted one resumes from its newest good checkpoint with
-the same data order; a unit whose parent is missing says which stage to run first.
+the same data order; a unit whose parent is missing says which stage to run first. A stage whose config sets
+``model.init_from`` starts from that checkpoint instead and needs no previous stage (its manifest's parent records
+the checkpoint: :func:`~pixart_lightning.interop.init_from.checkpoint_record`).
 
 The unit and its files are :mod:`.unit`; what it reads, :mod:`.inputs`; its Trainer, :mod:`.trainer`; what it
 records, :mod:`.report`.
@@ -35,6 +37,7 @@ from pixart_lightning.encoders.loading import load_text_encoder, load_vae
 from pixart_lightning.encoders.text import PromptFeatures
 from pixart_lightning.files import sha256, write_text_atomic
 from pixart_lightning.interop import load_weights
+from pixart_lightning.interop.init_from import checkpoint_record
 from pixart_lightning.runner.inputs import check_features, check_paths, prepare_data, text_encoder_path
 from pixart_lightning.runner.logs import unit_log
 from pixart_lightning.runner.report import finish, print_summary, record_training, start_manifest, write_json
@@ -85,20 +88,17 @@ def run_unit(
     unit: Unit, units: list[Unit], folder: str | Path = "", callbacks: list[L.Callback] | None = None
 ) -> None:
     """Train one unit of the plan ``units`` to ``max_steps`` (resuming if interrupted), starting from the final
-    weights of the unit before it, and hand its own weights forward."""
+    weights of the unit before it (or the stage's ``model.init_from``), and hand its own weights forward."""
     cfg = unit.cfg
     if unit.done:
         print(f"{unit.label}: done already ({unit.dir / FINAL}); delete {unit.dir} to train it again")
         return
-    place = units.index(unit)
-    parent = units[place - 1] if place > 0 else None
-    parent_weights = _parent_weights(unit, parent, folder)
+    parent_weights, parent_record = _parent(unit, units, folder)
     previous = unit.manifest()
-    # Rank 0 reads the (multi-GB) parent once; the other ranks leave the check to it (parallel.rank_zero_result).
-    parent_sha = rank_zero_result(lambda: sha256(parent_weights)) if parent_weights else None
-    if previous and parent_sha and previous.get("parent", {}).get("sha256") != parent_sha:
-        raise RunnerError(f"{unit.label} was started from a different {parent.label} checkpoint than "
-                          f"{parent_weights} holds now; delete {unit.dir} to start it again from the new one")
+    parent_sha = parent_record and parent_record["sha256"]
+    if previous and parent_sha and (previous.get("parent") or {}).get("sha256") != parent_sha:
+        raise RunnerError(f"{unit.label} was started from a different checkpoint than {parent_record['path']} "
+                          f"holds now; delete {unit.dir} to start it again from the new one")
     unit.dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -107,7 +107,6 @@ def run_unit(
     started = time.time()
     module, datamodule, text_path = _build(unit, parent_weights)
     batches = cfg.batch_plan()
-    parent_record = {"path": str(parent_weights), "sha256": parent_sha} if parent_weights else None
     manifest = start_manifest(unit, text_path, parent_record, batches, previous.get("wall_time_s", 0.0))
     checkpoints = Checkpoints(unit.dir / CHECKPOINTS, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
     resume = latest_good(checkpoints.folder)
@@ -168,6 +167,24 @@ def _build(unit: Unit, parent_weights: Path | None) -> tuple[DiffusionStage, Sha
     micro_batches = dataclasses.replace(cfg.data, batch_size=cfg.batch_plan().micro)
     datamodule = ShardDataModule(micro_batches, granularity, captions=cfg.text_mode, latent_factor=vae.downsample_factor)
     return stage_cls(cfg, model, vae, encoder, prompt_features), datamodule, text_path
+
+
+def _parent(unit: Unit, units: list[Unit], folder: str | Path) -> tuple[Path | None, dict | None]:
+    """The previous unit's final weights that ``unit`` starts from (None: it starts fresh, or from
+    ``model.init_from``, which its stage loads) and the manifest's record of where it starts from (path, sha256).
+
+    ``model.init_from`` replaces the previous stage, not the previous phase of the same stage.
+    """
+    place = units.index(unit)
+    parent = units[place - 1] if place > 0 else None
+    init_from = unit.cfg.model.init_from
+    # Rank 0 reads the (multi-GB) weights once; the other ranks leave the checks to it (parallel.rank_zero_result).
+    if init_from and (parent is None or parent.stage != unit.stage):
+        return None, rank_zero_result(lambda: checkpoint_record(init_from))
+    weights = _parent_weights(unit, parent, folder)
+    if weights is None:
+        return None, None
+    return weights, rank_zero_result(lambda: {"path": str(weights), "sha256": sha256(weights)})
 
 
 def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path | None:

@@ -19,6 +19,7 @@ from pixart_lightning.interop import save_weights
 from pixart_lightning.models import PixArt
 from pixart_lightning.runner.logs import chain_tensorboard
 from pixart_lightning.runner.unit import ALIGNMENT, FINAL, FINAL_EMA, MANIFEST, SAMPLES, SAVED_CONFIG, Unit
+from pixart_lightning.training import lora
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -57,9 +58,19 @@ def finish(
     unit: Unit, trainer: L.Trainer, model: PixArt, ema: PixArt | None, manifest: dict[str, Any],
     encoders: FrozenEncoders,
 ) -> None:
-    """Save the handoff weights (plain, unsharded models), score alignment if asked, mark the unit done."""
+    """Save the handoff weights (plain, unsharded models), score alignment if asked, mark the unit done.
+
+    A LoRA unit hands on its merged weights, so the next unit, ``sample``, ``eval`` and ``export-pipeline`` read
+    them as any other; its adapters alone are saved beside them (``final-lora.safetensors``, ``final-ema-lora``).
+    """
     cfg = unit.cfg
-    outputs = {"final": save_weights(model, unit.dir / FINAL, cfg.diffusion.prediction)}
+    outputs = {}
+    if cfg.model.lora is not None:
+        outputs["lora"] = lora.save_adapters(model, lora.adapter_path(unit.dir / FINAL), cfg.model.lora)
+        if ema is not None:
+            outputs["ema_lora"] = lora.save_adapters(ema, lora.adapter_path(unit.dir / FINAL_EMA), cfg.model.lora)
+        model, ema = lora.merged(model), lora.merged(ema) if ema is not None else None
+    outputs["final"] = save_weights(model, unit.dir / FINAL, cfg.diffusion.prediction)
     if ema is not None:
         outputs["ema"] = save_weights(ema, unit.dir / FINAL_EMA, cfg.diffusion.prediction)
     manifest["weights"] = {name: {"path": str(p), "sha256": sha256(p)} for name, p in outputs.items()}

@@ -19,7 +19,8 @@ class EMA(nn.Module):
 
     The rate r is constant (the official PixArt-α code: 0.9999, an averaging horizon of ~10k steps). With
     ``warmup``, r grows as min(rate, (1 + n) / (10 + n)) over the n updates so far, so the average forgets the
-    initial weights within a short run instead of after ~1/(1 − rate) steps.
+    initial weights within a short run instead of after ~1/(1 − rate) steps. Only the parameters that train are
+    averaged: under LoRA the adapters, the copy's frozen base staying the model's (``training/lora.py``).
     Being a submodule of the LightningModule, it is saved in (and restored from) every checkpoint
     without the optimizer ever seeing it. Its train/eval mode follows the module's, as any submodule's: the mode
     matters only to a forward pass, and sampling (``evaluation.generate``) puts the model in eval mode itself.
@@ -36,11 +37,16 @@ class EMA(nn.Module):
         self._groups: list[tuple[list[Tensor], list[Tensor]]] | None = None
 
     def _parameter_groups(self, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """(EMA tensors, model tensors) in groups of about CHUNK_ELEMENTS; under FSDP both are sharded alike,
-        so this rank's shards pair up. Listed once: the parameter objects stay the same for the whole run."""
+        """(EMA tensors, model tensors) of the parameters that train, paired by name (under LoRA the adapters: the
+        frozen base needs no average), in groups of about CHUNK_ELEMENTS; under FSDP both are sharded alike, so
+        this rank's shards pair up. Listed once: the parameter objects stay the same for the whole run."""
         groups: list[tuple[list[Tensor], list[Tensor]]] = [([], [])]
         size = 0
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+        averaged = dict(self.model.named_parameters())
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            ema_p = averaged[name]
             if size >= CHUNK_ELEMENTS:
                 groups.append(([], []))
                 size = 0

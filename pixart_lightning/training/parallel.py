@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor
 from pixart_lightning.config import StageConfig, TrainSection
 from pixart_lightning.files import FileRecord, HashingWriter, note_written, publish_folder
 from pixart_lightning.models import PixArt
+from pixart_lightning.training import lora
 from pixart_lightning.training.compilation import compile_blocks
 
 T = TypeVar("T")
@@ -171,16 +172,23 @@ def parallelize(model: PixArt, cfg: StageConfig, device: torch.device, mesh: Dev
 
     The order is torchtitan's (``parallelize_llama``), each step applying to what the one before produced:
 
-    1. activation checkpointing, so that backward recomputes each block's forward;
+    0. LoRA adapters (``model.lora``), to the EMA copy too (starting equal): they replace Linear modules, so they
+       go in before anything holds on to the modules (compiled graphs, FSDP's parameter groups);
+    1. activation checkpointing, so that backward recomputes each block's forward (adapters included);
     2. ``torch.compile`` of each block, so that what checkpointing recomputes is the compiled block;
     3. FSDP (with a ``mesh``): ``fully_shard`` per block, whose hooks gather a block's parameters around its
        compiled forward (outside the graph: FSDP's hooks are hidden from the compiler).
 
-    All three work in place, so the parameter names (checkpoints, the diffusers key map) stay the model's own.
+    Steps 1-3 work in place, so the parameter names (checkpoints, the diffusers key map) stay the model's own;
+    adapters rename their base layers' (``training/lora.py`` merges them back for the handoff).
     ``average``, the EMA copy, is sharded on the same mesh so that the two models' shards pair up; it only
     samples, so it is neither checkpointed nor compiled. Calling again (Lightning may configure the model more
     than once) changes nothing.
     """
+    if cfg.model.lora is not None:
+        lora.add_adapters(model, cfg.model.lora)
+        if average is not None:
+            lora.add_adapters(average, cfg.model.lora, like=model)
     checkpoint_activations(model, cfg.model.gradient_checkpointing)
     if cfg.model.compile:
         compile_blocks(model.blocks, device)
