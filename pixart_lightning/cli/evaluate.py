@@ -34,6 +34,8 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="pixels (default: the run's resolution)")
     p.add_argument("--width", type=int, help="pixels (default: the run's resolution)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", help="merge these LoRA adapters into --ckpt first: a LoRA stage folder (its EMA's where "
+                   "kept) or its final-lora.safetensors, trained on the --ckpt weights")
 
 
 def _sample_options(p: argparse.ArgumentParser) -> None:
@@ -73,7 +75,8 @@ def _fid_options(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from pixart_lightning.runner.folders import load_run_artifacts
 
-    return load_run_artifacts(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, prediction=args.prediction)
+    return load_run_artifacts(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, prediction=args.prediction,
+                              lora=args.lora)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

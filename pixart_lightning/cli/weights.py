@@ -1,4 +1,4 @@
-"""Commands on weights: ``info``, ``convert``, ``reparam``, ``export-pipeline``, ``tiny-models``."""
+"""Commands on weights: ``info``, ``convert``, ``reparam``, ``export-pipeline``, ``export-lora``, ``tiny-models``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                 cmd_reparam)
     add_command(subparsers, "export-pipeline", "write a diffusers PixArtAlphaPipeline", _export_pipeline_options,
                 cmd_export_pipeline)
+    add_command(subparsers, "export-lora", "write a LoRA stage's adapters as a PEFT folder for diffusers' transformer",
+                _export_lora_options, cmd_export_lora)
     add_command(subparsers, "tiny-models", "build the tiny offline T5 (with tokenizer), VAE and LLaVA",
                 _tiny_models_options, cmd_tiny_models)
 
@@ -37,6 +39,12 @@ def _convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output file or folder")
     p.add_argument("--to", choices=OUTPUT_FORMATS, help="default: from OUT (.safetensors native, .pt/.pth official, "
                    "else diffusers)")
+    _add_lora(p, "--merge-lora")
+
+
+def _add_lora(p: argparse.ArgumentParser, flag: str) -> None:
+    p.add_argument(flag, dest="lora", metavar="LORA", help="merge these LoRA adapters into the weights first: a LoRA "
+                   "stage folder or its final-lora.safetensors, trained on SOURCE")
 
 
 def _reparam_options(p: argparse.ArgumentParser) -> None:
@@ -56,6 +64,13 @@ def _export_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output folder")
     p.add_argument("--text-encoder", required=True, help="T5 hub id or local folder")
     p.add_argument("--vae", required=True, help="VAE hub id or local folder")
+    _add_lora(p, "--lora")
+
+
+def _export_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lora", help="a LoRA stage folder (its EMA's adapters where kept) or its final-lora.safetensors")
+    p.add_argument("out", help="output folder: PeftModel.from_pretrained(transformer, OUT) loads it onto the "
+                   "diffusers transformer of the weights the adapters were trained on")
 
 
 def _tiny_models_options(p: argparse.ArgumentParser) -> None:
@@ -63,11 +78,14 @@ def _tiny_models_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, weights: Path):
-    """The model in ``weights``, shaped by the --size, --num-heads and --container given."""
+    """The model in ``weights``, shaped by the --size, --num-heads and --container given, with the LoRA adapters of
+    --merge-lora / --lora merged in where the command has them."""
     from pixart_lightning.interop import load_model
+    from pixart_lightning.runner.folders import with_adapters
 
     options = {"size": args.size, "num_heads": args.num_heads, "container": args.container}
-    return load_model(weights, **{k: v for k, v in options.items() if v})
+    model = load_model(weights, **{k: v for k, v in options.items() if v})
+    return with_adapters(model, weights, getattr(args, "lora", None))
 
 
 def _output_format(out: Path) -> str:
@@ -129,6 +147,15 @@ def cmd_export_pipeline(args: argparse.Namespace) -> None:
     export_pipeline(_load(args, weights), args.out, args.text_encoder, args.vae, prediction)
     print(f"wrote {args.out} ({prediction} prediction): load it with "
           f"diffusers.PixArtAlphaPipeline.from_pretrained({str(args.out)!r})")
+
+
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    from pixart_lightning.interop.lora import export_peft, read_adapters
+    from pixart_lightning.runner.folders import adapter_weights
+
+    adapters = read_adapters(adapter_weights(args.lora))
+    export_peft(adapters, args.out)
+    print(f"wrote {args.out}: load it with peft.PeftModel.from_pretrained(transformer, {str(args.out)!r})")
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> None:

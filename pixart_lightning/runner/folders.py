@@ -18,8 +18,10 @@ from pixart_lightning.encoders.loading import load_text_encoder, load_vae
 from pixart_lightning.encoders.text import DEFAULT_T5, T5TextEncoder
 from pixart_lightning.encoders.vae import DEFAULT_VAE, VAE, PixelSpace
 from pixart_lightning.interop import load_model, read_prediction
+from pixart_lightning.interop.lora import merge_adapters, read_adapters
 from pixart_lightning.models import PixArt
 from pixart_lightning.runner.unit import FINAL, FINAL_EMA, SAVED_CONFIG, read_unit_manifest
+from pixart_lightning.training.lora import adapter_path
 
 
 def stage_weights(path: str | Path, ema: bool = False) -> Path:
@@ -45,6 +47,35 @@ def sampling_weights(path: str | Path) -> Path:
     if phases and not (path / "config.json").is_file():  # config.json: a diffusers folder, which has no phases
         raise ValueError(f"{path} is a stage run in phases; pass one of its phase folders ({', '.join(phases)})")
     return path
+
+
+def adapter_weights(path: str | Path) -> Path:
+    """The LoRA adapters ``path`` names: a LoRA stage folder's, beside its sampling weights (the EMA's where it kept
+    them, see :func:`sampling_weights`), else ``path`` itself (a ``final-lora.safetensors``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / FINAL).is_file():
+        raise ValueError(f"{path} is not a stage folder; --lora takes a LoRA stage's folder or its adapters file")
+    adapters = adapter_path(sampling_weights(path))
+    if not adapters.is_file():
+        raise FileNotFoundError(f"{path} holds no LoRA adapters ({adapters.name}): was it trained with model.lora?")
+    return adapters
+
+
+def with_adapters(model: PixArt, weights: str | Path, lora: str | Path | None) -> PixArt:
+    """``model`` (read from ``weights``) with the adapters ``lora`` names (:func:`adapter_weights`) merged in; as it
+    is without ``lora``. A LoRA stage's own final weights already hold its adapters merged: they are refused as the
+    base, which is the weights that stage started from (its manifest's ``parent``)."""
+    if lora is None:
+        return model
+    adapters = adapter_weights(lora)
+    weights = Path(weights)
+    if weights.name in (FINAL, FINAL_EMA) and adapter_path(weights.with_name(FINAL)).is_file():
+        parent = (read_unit_manifest(weights).get("parent") or {}).get("path", "the weights that stage started from")
+        raise ValueError(f"{weights} already holds its stage's adapters merged; give the base they were trained on "
+                         f"({parent}) with --lora")
+    return merge_adapters(model, read_adapters(adapters))
 
 
 def resolve_prediction(weights: str | Path, chosen: str | None = None) -> str:
@@ -78,9 +109,11 @@ class RunArtifacts:
 
 
 def load_run_artifacts(
-    checkpoint: str | Path, *, text_encoder: str | None = None, vae: str | None = None, prediction: str | None = None
+    checkpoint: str | Path, *, text_encoder: str | None = None, vae: str | None = None, prediction: str | None = None,
+    lora: str | Path | None = None,
 ) -> RunArtifacts:
-    """Load the model ``checkpoint`` names (see :func:`sampling_weights`) with its encoders, prediction and resolution.
+    """Load the model ``checkpoint`` names (see :func:`sampling_weights`) with its encoders, prediction and resolution;
+    with the adapters ``lora`` names merged into it (:func:`with_adapters`).
 
     ``text_encoder``, ``vae`` and ``prediction`` outrank what the stage's manifest records; outside a stage folder
     the encoders are PixArt-α's (:data:`DEFAULT_T5`, :data:`DEFAULT_VAE`), loaded with :func:`load_text_encoder`'s
@@ -88,7 +121,7 @@ def load_run_artifacts(
     """
     manifest = read_unit_manifest(checkpoint)
     weights = sampling_weights(checkpoint)
-    model = load_model(weights)
+    model = with_adapters(load_model(weights), weights, lora)
     encoder = None
     if model.cfg.mode == "text":
         recorded = {option: manifest[key] for key, option in (("text_max_length", "max_length"),

@@ -21,6 +21,7 @@ from torch import nn
 
 from pixart_lightning.config.schema import LoRASection
 from pixart_lightning.files import atomic_path
+from pixart_lightning.interop.lora import ADAPTER_TAG
 from pixart_lightning.models import PixArt
 
 ATTENTION = r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj))"
@@ -30,9 +31,6 @@ TARGETS: dict[str, str] = {"attention": ATTENTION, "attention+mlp": f"{ATTENTION
                            "all": f"{ATTENTION}|{MLP}|{CONDITIONING}"}
 """The module names (``re.fullmatch`` over ``PixArt.named_modules()``) of each ``model.lora.targets`` set; the
 schema's docstring says what each holds."""
-
-ADAPTER_TAG = "pixart-lightning-lora"
-"""``format`` in the metadata of an adapters file."""
 
 
 def is_adapted(model: nn.Module) -> bool:
