@@ -33,7 +33,8 @@ from pixart_lightning.gpu_check.memory import is_out_of_memory, largest_batch
 from pixart_lightning.gpu_check.wheels import download_command, missing_packages, project_requirements, wheel_pin
 from pixart_lightning.training.compilation import compile_unavailable
 
-CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "syncs", "sampling", "attention", "chain"]
+CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "syncs", "sampling", "attention", "chain",
+               "finetune"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,18 @@ def test_cpu_run_runner_sampling_attention_chain(cpu_report):
     chain = _figures(cpu_report, "chain")
     assert chain["stage1"]["status"] == chain["stage2"]["status"] == "done"
     assert chain["handoff_matches_stage1_weights"] and chain["summary_written"]
+
+
+def test_cpu_run_finetune_figures(cpu_report):
+    """LoRA and full fine-tuning took turns, each reporting its figures; LoRA trains a fraction of the parameters.
+    The CPU has no device peak, so no batch is projected there."""
+    finetune = _figures(cpu_report, "finetune")
+    lora, full = finetune["lora"], finetune["full"]
+    for figures in (lora, full):
+        assert figures["steps"] == 2 and figures["images_per_s"] > 0 and figures["peak_gib"] is None
+    assert 0 < lora["trainable_params"] < full["trainable_params"] == full["params"]
+    assert 0 < finetune["lora_over_full"]["grad_optimizer_mib"] < 1
+    assert "lora_largest_batch_projected" not in finetune
 
 
 # ---------------------------------------------------------------------- budgets, errors, reports

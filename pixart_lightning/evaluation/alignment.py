@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -66,3 +67,64 @@ def alignment(
         "num_prompts": num, "seed": seed, "height": height, "width": width, "sampler": sampler, "steps": steps,
         "cfg_scale": cfg_scale, "mode": model.cfg.mode, "examples": examples,
     }
+
+
+def recolor_alignment(
+    model: PixArt,
+    vae: VAE | LazyVAE | PixelSpace,
+    encoder: Encoder | None,
+    recolor: Mapping[str, str],
+    *,
+    num: int = 64,
+    seed: int = 0,
+    height: int = 32,
+    width: int = 32,
+    steps: int = 20,
+    cfg_scale: float = 4.5,
+    prediction: str = "epsilon",
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """How a text model follows a recolouring (``{"red": "teal"}``: captions say red, pixels should be teal).
+
+    Of the held-out single-shape prompts (the first ``num`` that name a recoloured colour, and the first ``num``
+    that name none), scored with ``world.DETECTOR_COLORS``: ``recolored`` is the share of the first kind whose
+    every recoloured part (shape or background) is drawn in its new colour; ``recolored_alignment`` their
+    alignment with the recoloured names; ``untouched_alignment`` the alignment of the second kind as worded.
+    """
+    unknown = sorted(set(recolor.values()) - set(world.DETECTOR_COLORS))
+    if model.cfg.mode != "text" or unknown:
+        raise ValueError(f"recolor_alignment needs a text model and colours of world.DETECTOR_COLORS (not {unknown})")
+    pool = world.alignment_prompts(len(world.held_out_prompts()), seed)
+    named = [(c, s) for c, s in pool if {s.background, s.shapes[0].color} & set(recolor)][:num]
+    untouched = [(c, s) for c, s in pool if not {s.background, s.shapes[0].color} & set(recolor)][:num]
+    found = _detections(model, vae, encoder, named + untouched, height=height, width=width, steps=steps,
+                        cfg_scale=cfg_scale, seed=seed, prediction=prediction, batch_size=batch_size)
+    recolored = both = 0
+    for (_, scene), seen in zip(named, found[: len(named)]):
+        background = recolor.get(scene.background, scene.background)
+        shape = recolor.get(scene.shapes[0].color, scene.shapes[0].color)
+        both += seen.background == background and seen.shape_color == shape
+        recolored += all(seen_name == recolor[asked] for asked, seen_name in
+                         ((scene.background, seen.background), (scene.shapes[0].color, seen.shape_color))
+                         if asked in recolor)
+    kept = sum(seen.background == scene.background and seen.shape_color == scene.shapes[0].color
+               for (_, scene), seen in zip(untouched, found[len(named):]))
+    return {
+        "recolored": recolored / len(named), "recolored_alignment": both / len(named),
+        "untouched_alignment": kept / len(untouched), "num_recolored_prompts": len(named),
+        "num_untouched_prompts": len(untouched), "recolor": dict(recolor), "seed": seed, "steps": steps,
+        "cfg_scale": cfg_scale,
+    }
+
+
+def _detections(
+    model: PixArt, vae: VAE | LazyVAE | PixelSpace, encoder: Encoder | None, prompts: list[tuple[str, world.Scene]],
+    *, seed: int, batch_size: int, **sampling: Any,
+) -> list[world.Detection]:
+    """What ``world.detect`` reads (with ``DETECTOR_COLORS``) off the images generated for ``prompts``' captions."""
+    found = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [caption for caption, _ in prompts[start : start + batch_size]]
+        images = generate(model, vae, prompts=chunk, encoder=encoder, seed=seed + start, **sampling)
+        found += [world.detect(image.permute(1, 2, 0).numpy(), world.DETECTOR_COLORS) for image in images]
+    return found

@@ -18,8 +18,9 @@ from pixart_lightning.gpu_check.sizes import CPU, GPU
 
 
 def all_checks() -> list[Check]:
-    """The checks in order of value, with their GPU budgets (420 s in all). Imported here: a missing package (the
+    """The checks in order of value, with their GPU budgets (480 s in all). Imported here: a missing package (the
     wheels not installed) is then one line of advice, not a traceback."""
+    from pixart_lightning.gpu_check.finetune import GOAL_BATCH_24GIB, check_finetune
     from pixart_lightning.gpu_check.fsdp import check_fsdp
     from pixart_lightning.gpu_check.sampling import check_sampling
     from pixart_lightning.gpu_check.steps import check_step_syncs
@@ -50,6 +51,8 @@ def all_checks() -> list[Check]:
               check_attention),
         Check("chain", "configs/demo stages 1 -> 2 through the runner on the device", "handoff and summary written",
               35, check_chain),
+        Check("finetune", "XL/2-512 bf16 LoRA r16 vs full fine-tuning, act. ckpt: images/s, peak memory, largest batch",
+              f"LoRA fits batch >= {GOAL_BATCH_24GIB} in 24 GiB", 60, check_finetune),
     ]
 
 

@@ -48,6 +48,9 @@ class Sizes:
     chain_batch: int | None
     chain_images: int
     chain_alignment_prompts: int
+    finetune_batch: int
+    """Batch of the LoRA-vs-full check, at ``resolution_512`` on ``config``."""
+    finetune_steps: int
 
 
 GPU = Sizes(
@@ -60,6 +63,7 @@ GPU = Sizes(
     sample_size="PixArt-XL/2", sample_resolution=1024, sample_steps=20, sample_batch=4, pipeline_resolution=128,
     attention_captions=(64, 77, 120), attention_tokens=(256, 1024, 4096), attention_heads=16, attention_head_dim=72,
     chain_steps=(100, 200), chain_batch=None, chain_images=2000, chain_alignment_prompts=16,
+    finetune_batch=8, finetune_steps=4,
 )
 
 CPU = Sizes(
@@ -72,4 +76,5 @@ CPU = Sizes(
     sample_size="PixArt-debug/2", sample_resolution=64, sample_steps=2, sample_batch=2, pipeline_resolution=64,
     attention_captions=(8,), attention_tokens=(16,), attention_heads=2, attention_head_dim=8,
     chain_steps=(2, 2), chain_batch=4, chain_images=64, chain_alignment_prompts=0,
+    finetune_batch=2, finetune_steps=2,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,14 @@ def _draw(
     raise RuntimeError(f"sample {index}: no scene passed the filters in {MAX_ATTEMPTS} draws (min_aesthetic too high?)")
 
 
-def _encode(index: int, scene: world.Scene, caption: str, height: int, width: int) -> dict[str, str | bytes]:
-    """The webdataset sample: PNG image, caption, class label and JSON metadata."""
+def _encode(
+    index: int, scene: world.Scene, caption: str, height: int, width: int, recolor: dict[str, list[int]] | None = None
+) -> dict[str, str | bytes]:
+    """The webdataset sample: PNG image (colours repainted by ``recolor``), caption, class label and JSON metadata."""
     # 4× up to 128 px, fewer above (at least 2×): the canvas stays near 512 px a side, so large images stay cheap.
     supersample = max(2, min(4, 512 // max(height, width)))
     buffer = io.BytesIO()
-    world.render_image(scene, height, width, supersample).save(buffer, format="PNG")
+    world.render_image(scene, height, width, supersample, recolor).save(buffer, format="PNG")
     label = world.class_label(scene)
     meta = {
         "caption": caption,
@@ -95,7 +97,7 @@ def _write(folder: Path, params: dict, progress: bool) -> dict:
             scene, caption, (h, w), skipped_held, skipped_low = _draw(
                 params["seed"], i, sizes, params["two_shape_fraction"], params["min_aesthetic"], params["templates"]
             )
-            sink.write(_encode(i, scene, caption, h, w))
+            sink.write(_encode(i, scene, caption, h, w, params["recolor"]))
             counts[f"{h}x{w}"] += 1
             held_out += skipped_held
             filtered += skipped_low
@@ -119,13 +121,21 @@ def synthesize(
     two_shape_fraction: float = 0.0,
     min_aesthetic: float | None = None,
     templates: Sequence[int] | None = None,
+    recolor: Mapping[str, Sequence[int]] | None = None,
     samples_per_shard: int = 1000,
     progress: bool = True,
 ) -> dict:
-    """Write ``count`` shapes-world samples as tar shards plus ``world.json`` (reused if already complete)."""
+    """Write ``count`` shapes-world samples as tar shards plus ``world.json`` (reused if already complete).
+
+    ``recolor`` paints named colours with other RGB values (``{"red": (0, 128, 128)}``) while the scenes, captions
+    and labels stay those of the plain world: the same seed draws the same scenes, only their pixels differ.
+    """
     sizes = [(int(h), int(w)) for h, w in buckets] if buckets else [(resolution, resolution)]
     if count < 1 or samples_per_shard < 1 or min(min(s) for s in sizes) < 16:
         raise ValueError("count and samples_per_shard must be positive, and every image side at least 16")
+    unknown = sorted(set(recolor or {}) - set(world.COLORS))
+    if unknown or any(len(v) != 3 or not all(0 <= int(c) <= 255 for c in v) for v in (recolor or {}).values()):
+        raise ValueError(f"recolor maps colours of {sorted(world.COLORS)} to RGB triples in [0, 255]; got {recolor}")
     params = {
         "version": FORMAT_VERSION,
         "seed": seed,
@@ -135,6 +145,7 @@ def synthesize(
         "two_shape_fraction": two_shape_fraction,
         "min_aesthetic": min_aesthetic,
         "templates": sorted(templates) if templates else None,
+        "recolor": {name: [int(c) for c in rgb] for name, rgb in sorted(recolor.items())} if recolor else None,
         "samples_per_shard": samples_per_shard,
     }
     out = Path(out_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
     "gray": (128, 128, 128),
 }
+DETECTOR_COLORS: dict[str, tuple[int, int, int]] = COLORS | {"teal": (0, 128, 128)}
+"""The detector's palette for a recoloured world (``make finetune-demo``): ``COLORS`` plus colours no scene, caption
+or class label uses, so reading them off an image changes nothing the demo samples or counts. Teal is 128 from green
+and gray, as far as the closest named colours are from each other."""
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 # Relative anchor (x, y) of each position; y grows downwards as in images.
@@ -119,14 +123,22 @@ def _box(shape: Shape, height: int, width: int) -> tuple[float, float, float, fl
     return cx - half, cy - half, cx + half, cy + half
 
 
-def render_image(scene: Scene, height: int, width: int, supersample: int = 4) -> Image.Image:
-    """Draw the scene as an RGB PIL image, antialiased by drawing ``supersample``× larger and box-filtering."""
+def render_image(
+    scene: Scene, height: int, width: int, supersample: int = 4,
+    recolor: Mapping[str, Sequence[int]] | None = None,
+) -> Image.Image:
+    """Draw the scene as an RGB PIL image, antialiased by drawing ``supersample``× larger and box-filtering.
+
+    ``recolor`` paints named colours with other RGB values (``{"red": (0, 128, 128)}``: every red shape or
+    background drawn teal), leaving the scene, and so its caption and label, as they are.
+    """
+    rgb = COLORS | {name: tuple(int(v) for v in value) for name, value in (recolor or {}).items()}
     s = supersample
-    image = Image.new("RGB", (width * s, height * s), COLORS[scene.background])
+    image = Image.new("RGB", (width * s, height * s), rgb[scene.background])
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
         x0, y0, x1, y1 = (v * s for v in _box(shape, height, width))
-        fill = COLORS[shape.color]
+        fill = rgb[shape.color]
         if shape.kind == "circle":
             draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # PIL boxes include their far edge
         elif shape.kind == "square":
@@ -136,9 +148,11 @@ def render_image(scene: Scene, height: int, width: int, supersample: int = 4) ->
     return image.resize((width, height), Image.Resampling.BOX) if s > 1 else image
 
 
-def render(scene: Scene, height: int, width: int, supersample: int = 4) -> np.ndarray:
+def render(
+    scene: Scene, height: int, width: int, supersample: int = 4, recolor: Mapping[str, Sequence[int]] | None = None
+) -> np.ndarray:
     """Draw the scene as uint8 (height, width, 3); see ``render_image``."""
-    return np.asarray(render_image(scene, height, width, supersample))
+    return np.asarray(render_image(scene, height, width, supersample, recolor))
 
 
 def short_caption(scene: Scene) -> str:
@@ -203,9 +217,14 @@ def _single_shape_scenes() -> Iterator[Scene]:
             yield Scene(background, (Shape(kind, color, size, position),))
 
 
+def held_out_prompts() -> list[tuple[str, Scene]]:
+    """Every single-shape scene whose template-0 caption is held out, with that caption, in a fixed order."""
+    return [(caption, scene) for scene in _single_shape_scenes() if is_held_out(caption := dense_caption(scene))]
+
+
 def alignment_prompts(n: int, seed: int) -> list[tuple[str, Scene]]:
     """``n`` distinct single-shape scenes whose template-0 caption is held out, with that caption."""
-    pool = [(caption, scene) for scene in _single_shape_scenes() if is_held_out(caption := dense_caption(scene))]
+    pool = held_out_prompts()
     if n > len(pool):
         raise ValueError(f"only {len(pool)} held-out single-shape prompts exist, {n} were asked for")
     order = np.random.default_rng(seed).permutation(len(pool))[:n]
@@ -219,13 +238,15 @@ def shapes_corpus() -> list[str]:
     return corpus + [dense_caption(pair, t) for t in range(len(TEMPLATES))]
 
 
-def _nearest_color(rgb: np.ndarray) -> str:
-    """The named color nearest to ``rgb`` in Euclidean RGB distance."""
-    return _COLOR_NAMES[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=1)))]
+def _nearest_color(rgb: np.ndarray, colors: Mapping[str, Sequence[int]] = COLORS) -> str:
+    """The named color of ``colors`` nearest to ``rgb`` in Euclidean RGB distance."""
+    palette = _PALETTE if colors is COLORS else np.array(list(colors.values()), dtype=np.float32)
+    return list(colors)[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))]
 
 
-def detect(image: np.ndarray) -> Detection:
-    """Read the background (median border pixel) and the shape color (median of the clearly non-background pixels)."""
+def detect(image: np.ndarray, colors: Mapping[str, Sequence[int]] = COLORS) -> Detection:
+    """Read the background (median border pixel) and the shape color (median of the clearly non-background pixels),
+    each named by the nearest colour of ``colors`` (``DETECTOR_COLORS`` reads teal too)."""
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     bg_rgb = np.median(border, axis=0)
@@ -233,12 +254,12 @@ def detect(image: np.ndarray) -> Detection:
     far = distance > _FAR
     fraction = float(far.mean())
     if far.sum() < max(2, _MIN_SHAPE_FRACTION * far.size):
-        return Detection(_nearest_color(bg_rgb), None, fraction)
+        return Detection(_nearest_color(bg_rgb, colors), None, fraction)
     # Antialiased edges are blends that can sit nearer a third color; keep the pixels at least half as far from the
     # background as the far end of the shape (90th percentile, robust to a few noisy pixels).
     far_distance = distance[far]
     core = pixels[far][far_distance >= 0.5 * np.percentile(far_distance, 90)]
-    return Detection(_nearest_color(bg_rgb), _nearest_color(np.median(core, axis=0)), fraction)
+    return Detection(_nearest_color(bg_rgb, colors), _nearest_color(np.median(core, axis=0), colors), fraction)
 
 
 def matches(image: np.ndarray, scene: Scene) -> bool:
