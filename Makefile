@@ -13,7 +13,7 @@ RUN_ARGS ?=
 LAUNCH ?= local
 SLURM_ARGS ?=
 
-.PHONY: venv test slurm-install lint demo finetune-demo stage1 stage2 stage3 tensorboard bench gpu-wheels gpu-check clean
+.PHONY: venv test slurm-install lint demo finetune-demo finetune stage1 stage2 stage3 stage4 tensorboard bench gpu-wheels gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -46,18 +46,29 @@ demo: venv
 	$(VENV)/bin/pixart-lightning run configs/demo $(RUN_ARGS)
 
 # LoRA on the demo's stage-3 model: draw what captions call "red" in teal, other colours alone (docs/stages.md).
-# `make demo` first when its weights are missing; then the teal world, the fine-tune and the before/after report.
+# `make demo` first when its weights are missing; then the fine-tune (its data: the teal world) and the before/after report.
 finetune-demo: venv
 	@[ -f runs/demo/stage3/final-ema.safetensors ] || $(MAKE) demo
-	$(PY) configs/finetune-demo/teal.py data configs/finetune-demo
 	$(VENV)/bin/pixart-lightning run configs/finetune-demo $(RUN_ARGS)
-	$(PY) configs/finetune-demo/teal.py report configs/finetune-demo
+	@for stage in runs/demo/stage3 runs/finetune-demo/stage3; do \
+		$(VENV)/bin/pixart-lightning eval alignment --ckpt $$stage --recolor red=teal || exit 1; done
 
+# Fine-tune the released XL/2 512 px weights on your photos (configs/finetune, README "Fine-tuning released weights"):
+# ingest, caption (auto: only the images without one; llava: all), extract, train, export a diffusers pipeline,
+# grids before and after; every step resumes. `make finetune DATA=/path/to/photos [CAPTION=llava] [LORA=16]`
+DATA ?=
+CAPTION ?= auto
+LORA ?=
+finetune: venv
+	@[ -n "$(DATA)" ] || { echo "make finetune DATA=/path/to/photos [CAPTION=llava] [LORA=16] [RUN_ARGS=...]"; exit 2; }
+	$(VENV)/bin/pixart-lightning finetune $(DATA) --caption $(CAPTION)$(if $(LORA), --lora $(LORA)) $(RUN_ARGS)
+
+# stage4: the few-step student of stage 3 (consistency distillation; its config's stage4.yaml, docs/stages.md).
 ifeq ($(LAUNCH),slurm)
-stage1 stage2 stage3: venv
+stage1 stage2 stage3 stage4: venv
 	$(VENV)/bin/pixart-lightning slurm $(CONFIG) --stages $(subst stage,,$@) $(SLURM_ARGS) $(RUN_ARGS)
 else ifeq ($(LAUNCH),local)
-stage1 stage2 stage3: venv
+stage1 stage2 stage3 stage4: venv
 	$(VENV)/bin/pixart-lightning run $(CONFIG) --stages $(subst stage,,$@) $(RUN_ARGS)
 else
 $(error LAUNCH=$(LAUNCH): use local (default) or slurm)

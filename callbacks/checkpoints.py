@@ -107,7 +107,7 @@ class Checkpoints(L.Callback):
         """
         name = f"step-{trainer.global_step:07d}.ckpt"
         path = self.folder / name
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole training state, to resume from
         if trainer.is_global_zero:
             entries = [e for e in read_index(self.folder) if e["step"] != trainer.global_step]
             entries.append({"step": trainer.global_step, "path": name, "files": describe(path)})

@@ -48,7 +48,7 @@ class DiffusionStage(L.LightningModule):
         self.cfg = cfg
         self.model = model
         self.model.attention_backend = cfg.model.attention_backend
-        self.ema = EMA(model, cfg.optim.ema_rate, cfg.optim.ema_warmup) if cfg.optim.ema_rate > 0 else None
+        self.ema = self.make_average(model)
         self.diffusion = create_diffusion(learn_sigma=model.cfg.learn_sigma, prediction=cfg.diffusion.prediction)
         self.encoders = FrozenEncoders(vae, text_encoder, prompt_features)
         self.account = SampleAccount(cfg.data.max_bad_fraction)
@@ -57,6 +57,10 @@ class DiffusionStage(L.LightningModule):
         self._micro_batch = 0  # which micro-batch of the optimizer step this is (gradient accumulation)
 
     # ------------------------------------------------------------------ stage hooks
+    teacher_from_parent = False
+    """Whether the stage distils its parent (stage 4): it starts from the parent's EMA weights, which must predict
+    what this stage's ``diffusion.prediction`` says (the runner checks both)."""
+
     @classmethod
     def initial_model(cls, cfg: StageConfig, parent: PixArt | None, caption_channels: int | None) -> PixArt:
         """The model this stage starts from, given the previous stage's final weights (or None)."""
@@ -67,6 +71,11 @@ class DiffusionStage(L.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ weights
+    def make_average(self, model: PixArt) -> EMA | None:
+        """The EMA copy of the backbone the stage keeps: at ``optim.ema_rate``, none at 0."""
+        o = self.cfg.optim
+        return EMA(model, o.ema_rate, o.ema_warmup) if o.ema_rate > 0 else None
+
     @property
     def averaged(self) -> PixArt | None:
         """The EMA copy of the backbone, when the stage keeps one."""
@@ -89,21 +98,17 @@ class DiffusionStage(L.LightningModule):
         the stage's parent or init weights, which the runner loads again to resume."""
         record_world_size(checkpoint, self.trainer.world_size)
         if self.cfg.model.lora is not None:
-            frozen = self._frozen_base(checkpoint["state_dict"])
+            frozen = lora.frozen_base_keys(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Under LoRA the frozen base comes from the model as built (what :meth:`on_save_checkpoint` left out), so
-        the load stays strict for everything the checkpoint must hold."""
+        the load stays strict for everything the checkpoint must hold. (Under FSDP the strategy has read the weights
+        already, the same way: ``parallel.ShardedStrategy.load_checkpoint``.)"""
         check_world_size(checkpoint, self.trainer.world_size)
-        if self.cfg.model.lora is not None:
+        if self.cfg.model.lora is not None and "state_dict" in checkpoint:
             state = self.state_dict()
-            checkpoint["state_dict"] = {**{k: state[k] for k in self._frozen_base(state)}, **checkpoint["state_dict"]}
-
-    def _frozen_base(self, state: dict[str, Tensor]) -> set[str]:
-        """The keys of a state dict of this module that are the LoRA stage's frozen base: its model's and its EMA
-        copy's weights other than the adapters."""
-        return {k for k in state if k.startswith(("model.", "ema.model.")) and not lora.is_adapter_key(k)}
+            checkpoint["state_dict"] = {**{k: state[k] for k in lora.frozen_base_keys(self)}, **checkpoint["state_dict"]}
 
     def on_fit_start(self) -> None:
         self.encoders.to(self.device)
@@ -144,17 +149,21 @@ class DiffusionStage(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.account.add(batch, self._trainer.datamodule if self._trainer is not None else None)
         x0 = self.latents(batch)
-        kwargs = self.conditioning(batch)
         B = x0.shape[0]
-        draws = self._draws().diffusion(tuple(x0.shape), self.diffusion.num_timesteps, self.model.cfg.class_dropout_prob)
-        kwargs["force_drop_ids"] = draws["drop"].long()
-        losses = self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"])
+        losses = self.losses(x0, self.conditioning(batch))
         loss = losses["loss"].mean()
         self._micro_batch += 1
         if self._logging_step():
             self.log_dict({f"train/{k}": v.mean() for k, v in losses.items()}, on_step=True, batch_size=B)
             self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
         return loss
+
+    def losses(self, x0: Tensor, kwargs: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-sample losses of a micro-batch of latents ``x0`` conditioned by ``kwargs`` (``loss`` and the parts
+        logged as ``train/<name>``): the hybrid diffusion loss at this step's draws."""
+        draws = self._draws().diffusion(tuple(x0.shape), self.diffusion.num_timesteps, self.model.cfg.class_dropout_prob)
+        kwargs["force_drop_ids"] = draws["drop"].long()
+        return self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping); a step whose gradient is

@@ -109,8 +109,8 @@ def test_a_saved_config_with_an_unknown_key_names_the_file(tmp_path: Path) -> No
     line = next(i for i, text in enumerate(saved.read_text().splitlines(), 1) if "lrr:" in text)
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(saved))}:{line}: unknown key 'optim.lrr'"):
         load_saved(saved)
-    saved.write_text(to_yaml(load_stage(CONFIGS / "demo", 1)).replace("stage: 1", "stage: 4"))
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(saved))}:\d+: stage=4: valid choices are 1, 2, 3"):
+    saved.write_text(to_yaml(load_stage(CONFIGS / "demo", 1)).replace("stage: 1", "stage: 5"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(saved))}:\d+: stage=5: valid choices are 1, 2, 3, 4"):
         load_saved(saved)
 
 
@@ -139,3 +139,15 @@ def test_every_fixed_choice_is_a_literal_whose_values_the_errors_name() -> None:
         if key != "stage":  # set by the config folder's file names
             with pytest.raises(ConfigError, match=re.escape(f"{key}='bogus': valid choices are {', '.join(choices)}")):
                 load_stage(CONFIGS / "demo", 2, [f"{key}=bogus"])
+
+
+def test_a_consistency_sampler_takes_no_guidance_and_stage_4_samples_with_it() -> None:
+    """lcm samples a model with the guidance inside it; stage 4's grids and FID use it at a distilled step count."""
+    with pytest.raises(ConfigError, match=r"samples.sampler=lcm samples a model with the guidance inside it: "
+                       r"set samples.cfg_scales=\[1.0\]"):
+        load_stage(CONFIGS / "demo", 3, ["samples.sampler=lcm"])  # the demo's grid rows are guidance 1.0 and 4.5
+    with pytest.raises(ConfigError, match=r"fid.sampler=dpm\+\+, fid.steps=20: stage 4's student samples with lcm"):
+        load_stage(CONFIGS / "demo", 4, ["fid.sampler=dpm++", "fid.steps=20", "fid.cfg_scale=4.5"])
+    with pytest.raises(ConfigError, match=r"samples.sampler=lcm, samples.steps=3: .* distill.steps \[1, 2, 4, 8\]"):
+        load_stage(CONFIGS / "demo", 4, ["samples.steps=3"])
+    assert load_stage(CONFIGS / "demo", 4).fid.sampler == "lcm"

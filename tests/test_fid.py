@@ -260,3 +260,11 @@ def test_callback_logs_and_writes_records(world, tmp_path):
     scalars = events.Scalars("eval/fid")  # float32 in the event file
     assert [e.step for e in scalars] == [0, 1, 2]
     assert [e.value for e in scalars] == pytest.approx([r["fid"] for r in records], rel=1e-6)
+
+
+def test_a_record_replaces_those_of_an_attempt_that_did_not_reach_a_checkpoint(tmp_path):
+    """A stage killed after its step-0 FID and trained again from step 0 keeps one step-0 record, not two."""
+    path = tmp_path / "fid.json"
+    for step, value in [(0, 552.0), (200, 300.0), (0, 551.0), (400, 129.0)]:
+        fid.append_record(path, {"step": step, "fid": value})
+    assert [(r["step"], r["fid"]) for r in json.loads(path.read_text())] == [(0, 551.0), (400, 129.0)]

@@ -122,8 +122,26 @@ def test_config_fine_tunes_the_demo_with_lora():
     cfg = load_stage(CONFIG, 3)
     demo = load_stage(CONFIG.parent / "demo", 3)
     assert cfg.name == "finetune-demo" and cfg.model.init_from == "runs/demo/stage3/final-ema.safetensors"
-    assert cfg.model.lora is not None and cfg.data.synth is None
+    assert cfg.model.lora is not None and cfg.data.shards != demo.data.shards
+    # The demo's stage-3 world, red painted teal: same seed, count and buckets.
+    assert dataclasses.replace(cfg.data.synth, recolor={}) == demo.data.synth
+    assert cfg.data.synth.recolor == {"red": "teal"}
     assert cfg.pixart_config(caption_channels=32) == demo.pixart_config(caption_channels=32)
     assert (cfg.data.resolution, cfg.data.multi_scale, cfg.data.min_aesthetic) == (
         demo.data.resolution, demo.data.multi_scale, demo.data.min_aesthetic)
     assert (CONFIG / "base.yaml").resolve() == (CONFIG.parent / "demo" / "base.yaml").resolve()
+
+
+def test_config_recolor_writes_the_teal_world(tmp_path):
+    """``data.synth.recolor`` names colours; the runner paints them as the detector reads them."""
+    from pixart_lightning.config import ConfigError
+    from pixart_lightning.runner.inputs import prepare_data
+
+    cfg = load_stage(CONFIG, 3, [f"data.shards={tmp_path / 'teal'}", "data.synth.count=4", "data.multi_scale=false",
+                                 "train.progress_bar=false"])
+    prepare_data(cfg, granularity=4)
+    manifest = json.loads((tmp_path / "teal" / "world.json").read_text())
+    assert manifest["recolor"] == {"red": list(TEAL)}
+    bad = load_stage(CONFIG, 3, [f"data.shards={tmp_path / 'bad'}", "data.synth.recolor.red=mauve"])
+    with pytest.raises(ConfigError, match=r"data.synth.recolor.red=mauve: .*teal"):
+        prepare_data(bad, granularity=4)

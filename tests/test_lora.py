@@ -85,6 +85,25 @@ def test_only_the_adapters_train_and_average() -> None:
     assert all(torch.equal(ema.model.get_parameter(n), model.get_parameter(n)) for n in base)
 
 
+def test_adapters_start_alike_on_every_process_whatever_was_drawn_before() -> None:
+    """FSDP keeps each rank's shard of its own copy: A must not depend on the global random state."""
+    starts = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        model = PixArt(tiny_config())
+        torch.manual_seed(global_seed)
+        lora.add_adapters(model, LoRASection(rank=2), seed=seed)
+        starts.append(model.get_parameter("blocks.0.attn.qkv.lora_A.default.weight"))
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], starts[2])
+
+
+def test_the_frozen_base_keys_are_the_adapted_models_weights_but_the_adapters() -> None:
+    holder = torch.nn.Module()
+    holder.model = adapted()
+    assert lora.frozen_base_keys(holder) == {f"model.{k}" for k in holder.model.state_dict() if ".lora_" not in k}
+    assert "model.blocks.0.attn.qkv.base_layer.weight" in lora.frozen_base_keys(holder)
+    assert lora.frozen_base_keys(randomize(PixArt(tiny_config()))) == set()  # no adapters, nothing left out
+
+
 @pytest.mark.parametrize("base_dtype", ["fp32", "bf16"])
 def test_the_merged_model_computes_what_the_adapted_one_does(base_dtype: str) -> None:
     model = adapted("all", base_dtype=base_dtype).eval()

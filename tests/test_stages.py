@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def small(out: Path, *extra: str) -> list[str]:
         "stage3.data.resolution=24", "stage3.data.batch_size=4",
         # stage 2's scale x 24/16, as the demo's 32/512 is 24/512 x 32/24: a 16-px input sees stage 2's coordinates
         "stage3.model.interpolation_scale=0.0703125", "fid.num_images=8", "fid.batch_size=8",
+        # stage 4 distils stage 3 at its resolution
+        "stage4.train.max_steps=4", "stage4.data.resolution=24", "stage4.data.batch_size=4",
+        "stage4.model.interpolation_scale=0.0703125",
         "fid.reference_count=16", "fid.steps=2", *extra,
     ]
 
@@ -206,6 +210,12 @@ def test_sample_and_eval_commands(three_stages: Path, tmp_path: Path, capsys) ->
     assert "needs --label" in capsys.readouterr().err
     assert main(["eval", "alignment", "--ckpt", str(three_stages / "stage2"), "--num", "4", "--steps", "2"]) == 0
     assert "alignment:" in capsys.readouterr().out
+    assert main(["eval", "alignment", "--ckpt", str(three_stages / "stage2"), "--num", "2", "--steps", "2",
+                 "--recolor", "red=teal"]) == 0
+    assert re.search(r'"red" as teal: \d\.\d\d of 2 held-out prompts; alignment without them \d\.\d\d over 2',
+                     capsys.readouterr().out)
+    assert main(["eval", "alignment", "--ckpt", str(three_stages / "stage2"), "--recolor", "red"]) == 2
+    assert "--recolor takes NAME=NEW" in capsys.readouterr().err
 
 
 def test_stage1_initialises_from_a_dit_checkpoint(tmp_path: Path) -> None:

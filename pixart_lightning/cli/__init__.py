@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixart_lightning.cli import data, evaluate, train, weights
+from pixart_lightning.cli import data, evaluate, finetune, train, weights
 from pixart_lightning.cli.parsing import CommandParser
 
 TRACEBACK = "Traceback (most recent call last):\n"
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every command; a command's options are added when it is chosen (:class:`CommandParser`)."""
     parser = CommandParser(prog="pixart-lightning", description="Train and convert PixArt-α models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (weights, evaluate, train, data):
+    for group in (weights, evaluate, train, finetune, data):
         group.add_commands(commands)
     return parser
 

@@ -139,14 +139,21 @@ def cmd_reparam(args: argparse.Namespace) -> None:
 
 
 def cmd_export_pipeline(args: argparse.Namespace) -> None:
+    from pixart_lightning.diffusion.sampling import CONSISTENCY_SAMPLER, DEFAULT_SAMPLER
     from pixart_lightning.interop.pipeline import export_pipeline
+    from pixart_lightning.runner.distilled import distilled_steps
     from pixart_lightning.runner.folders import resolve_prediction, stage_weights
 
     weights = stage_weights(args.source, args.ema)
     prediction = resolve_prediction(weights, args.prediction)
-    export_pipeline(_load(args, weights), args.out, args.text_encoder, args.vae, prediction)
+    served = distilled_steps(args.source)  # a stage-4 folder: LCMScheduler, unguided
+    export_pipeline(_load(args, weights), args.out, args.text_encoder, args.vae, prediction,
+                    sampler=CONSISTENCY_SAMPLER if served else DEFAULT_SAMPLER)
     print(f"wrote {args.out} ({prediction} prediction): load it with "
           f"diffusers.PixArtAlphaPipeline.from_pretrained({str(args.out)!r})")
+    if served:
+        print(f"  a consistency-distilled model with LCMScheduler: call it with guidance_scale=1.0 (its guidance is "
+              f"folded in) and num_inference_steps one of {', '.join(map(str, served))}")
 
 
 def cmd_export_lora(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ or default) and the valid choices.
 - :mod:`.loading`: merging files and overrides, where values were set, saving and reading back a unit's config.
 """
 
+from pixart_lightning.config.fid import EXTRACTORS, INCEPTION_SIZE, FIDSection
 from pixart_lightning.config.loading import (
     ValueOrigins,
     load_saved,
@@ -22,8 +23,8 @@ from pixart_lightning.config.loading import (
     to_yaml,
 )
 from pixart_lightning.config.schema import (
-    EXTRACTORS,
-    INCEPTION_SIZE,
+    DISTILL_STAGE,
+    MULTI_SCALE_STAGES,
     PRECISIONS,
     SHARDINGS,
     STAGES,
@@ -31,8 +32,8 @@ from pixart_lightning.config.schema import (
     ConfigError,
     DataSection,
     DiffusionSection,
+    DistillSection,
     EvalSection,
-    FIDSection,
     ModelSection,
     OptimSection,
     SamplesSection,
@@ -45,8 +46,8 @@ from pixart_lightning.config.stage import BatchPlan, StageConfig
 from pixart_lightning.config.validation import FP16_REFUSED, validate
 
 __all__ = [
-    "EXTRACTORS", "FP16_REFUSED", "INCEPTION_SIZE", "PRECISIONS", "SHARDINGS", "STAGES", "STRATEGIES",
-    "BatchPlan", "ConfigError", "DataSection", "DiffusionSection", "EvalSection", "FIDSection",
+    "DISTILL_STAGE", "EXTRACTORS", "FP16_REFUSED", "MULTI_SCALE_STAGES", "INCEPTION_SIZE", "PRECISIONS", "SHARDINGS", "STAGES", "STRATEGIES",
+    "BatchPlan", "ConfigError", "DataSection", "DiffusionSection", "DistillSection", "EvalSection", "FIDSection",
     "ModelSection", "OptimSection", "SamplesSection", "StageConfig", "SynthSection", "TextEncoderSection",
     "TrainSection", "VAESection", "ValueOrigins", "load_saved", "load_stage", "phase_configs", "stage_overrides",
     "to_yaml", "validate",

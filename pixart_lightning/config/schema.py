@@ -21,11 +21,10 @@ from pixart_lightning.encoders.vae import DEFAULT_VAE, SD_VAE_SCALE
 from pixart_lightning.models.attention import ATTENTION_BACKENDS
 from pixart_lightning.models.config import CAPTION_TOKENS, MODEL_SIZES
 
-Stage = Literal[1, 2, 3]
+Stage = Literal[1, 2, 3, 4]
 Precision = Literal["32", "bf16-mixed"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 Sharding = Literal["full", "grad_op", "hybrid"]
-Extractor = Literal["inception", "tiny"]
 LoRATargets = Literal["attention", "attention+mlp", "all"]
 LoRABaseDtype = Literal["fp32", "bf16"]
 # Built from the tuples of the packages that own these choices:
@@ -36,13 +35,14 @@ Prediction = Literal[PREDICTIONS]  # pixart_lightning.diffusion
 Sampler = Literal[SAMPLERS]  # pixart_lightning.diffusion
 
 STAGES: tuple[int, ...] = typing.get_args(Stage)
+DISTILL_STAGE = 4
+"""The stage that distils its parent into a few-step student (``distill``, the consistency sampler)."""
+MULTI_SCALE_STAGES = (3, DISTILL_STAGE)
+"""Stages that may train in aspect-ratio buckets with micro-conditions (``data.multi_scale``)."""
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 SHARDINGS: tuple[str, ...] = typing.get_args(Sharding)
-EXTRACTORS: tuple[str, ...] = typing.get_args(Extractor)
 LORA_TARGETS: tuple[str, ...] = typing.get_args(LoRATargets)
-INCEPTION_SIZE = 299
-"""The side, in pixels, clean-fid's Inception-v3 takes its images at."""
 
 type_hints = functools.cache(typing.get_type_hints)
 """The resolved annotations of a config dataclass (its fields' types), computed once per class."""
@@ -137,6 +137,11 @@ class ModelSection:
     diffusers transformer or pipeline folder, or a hub id such as ``PixArt-alpha/PixArt-XL-2-512x512``. Stage 1
     takes a class-mode (DiT) checkpoint; stage 2 a class-mode one (through ``class_to_text``) or a text-mode one;
     stage 3 a text-mode one, moved to its resolution. Its shapes must fit the configured model."""
+    micro_conditions: bool = True
+    """Stages 3 and 4 with ``data.multi_scale``: condition on each image's original size and its bucket's aspect
+    ratio (PixArt-α at 1024 px). False: no micro-conditions, as the released 512 px model (diffusers' pipeline feeds
+    them to 1024 px models only). A starting checkpoint must match: one with micro-conditions is refused under
+    False, one without under True, naming this key."""
     lora: LoRASection | None = None
     """Train low-rank adapters on the frozen backbone instead of all its weights; None: full fine-tuning. The
     stage's checkpoints then hold only the adapters, and its ``final.safetensors`` the merged weights."""
@@ -182,6 +187,9 @@ class SynthSection:
     """Caption templates to draw from (indices into ``world.TEMPLATES``); None: all."""
     samples_per_shard: int = 2000
     """Samples per written ``.tar`` shard (at least 1)."""
+    recolor: dict[str, str] = field(default_factory=dict)
+    """Paint a colour the captions name in another (``{red: teal}``): the same scenes, captions and labels, other
+    pixels (``make finetune-demo``). Keys: the world's colours; values: also ``teal`` (``shapes/world.py``)."""
 
 
 @dataclass(kw_only=True)
@@ -329,64 +337,22 @@ class EvalSection:
 
 
 @dataclass(kw_only=True)
-class FIDSection:
-    """What pins an FID measurement (``pixart_lightning/evaluation/fid.py``, ``callbacks/fid.py``); FID is off
-    without a ``reference``."""
+class DistillSection:
+    """Stage 4: latent consistency distillation of the stage-3 EMA model (the frozen teacher) into a few-step
+    student, initialised from the teacher (``stages/stage4.py``)."""
 
-    every_n_steps: int = 0
-    """0: at the end of the stage only."""
-    at_start: bool = False
-    """Also measure before the first step, so a stage's starting FID is recorded."""
-    num_images: int = 30000
-    """Images generated (one per caption), at least 2."""
-    captions: str = ""
-    """Caption file (JSON list of {"id", "caption"[, "label"]}, COCO captions JSON, or .txt one per line) or a
-    shard/image folder; empty: the captions of the ``reference`` samples."""
-    caption_key: str = "txt"
-    """Caption of a shard sample: a tar member (``txt``) or a json field."""
-    seed: int = 0
-    """Draws the pinned subset when there are more captions than ``num_images``; chunk ``c`` samples with ``seed + c``."""
-    reference: str = ""
-    """Real images: a folder of shards, a shard pattern or an image folder; empty: FID off."""
-    reference_count: int = 0
-    """Use the first N reference images (in source order), at least 2; 0: all."""
-    extractor: Extractor = "inception"
-    """``inception`` (clean-fid's Inception-v3, from ``inception_weights``) or ``tiny`` (offline, hand-made)."""
-    inception_weights: str = ""
-    """``inception-2015-12-05.pt`` or its folder; empty: ~/.cache/pixart-lightning/ or clean-fid's /tmp copy."""
-    resize: int = INCEPTION_SIZE
-    """Side, in pixels, images are resized to before the extractor (Inception: 299 only)."""
-    batch_size: int = 32
-    """Images generated per batch, at least 1."""
-    decode_batch: int = 8
-    """Images the VAE decodes at once; 0: the whole ``batch_size``. One full-size activation of the SD VAE's decoder
-    (128 channels) takes 0.5 GB per 1024-px image in fp32: 17 GB for a batch of 32 at once."""
-    sampler: Sampler = "dpm++"
-    """The sampler generating the images."""
-    steps: int = 20
-    """Sampler steps, at least 1."""
     cfg_scale: float = 4.5
-    """Classifier-free guidance scale."""
-    cache_dir: str = ""
-    """Where reference statistics are cached; empty: ~/.cache/pixart-lightning/fid."""
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.reference)
-
-    def problems(self, prefix: str = "fid") -> list[str]:
-        """Every invalid field, named ``<prefix>.<field>`` (for the config's one-go validation)."""
-        found = [choice_problem(key, value, choices)
-                 for key, value, choices in literal_fields(self, f"{prefix}.") if value not in choices]
-        for name, least in (("num_images", 2), ("batch_size", 1), ("steps", 1), ("resize", 1)):
-            if getattr(self, name) < least:
-                found.append(f"{prefix}.{name}={getattr(self, name)}: must be at least {least}")
-        if self.every_n_steps < 0:
-            found.append(f"{prefix}.every_n_steps={self.every_n_steps}: must be 0 (end of stage only) or positive")
-        if self.decode_batch < 0:
-            found.append(f"{prefix}.decode_batch={self.decode_batch}: must be 0 (the whole batch) or positive")
-        if self.reference_count == 1 or self.reference_count < 0:
-            found.append(f"{prefix}.reference_count={self.reference_count}: must be 0 (all images) or at least 2")
-        if self.extractor == "inception" and self.resize != INCEPTION_SIZE:
-            found.append(f"{prefix}.resize={self.resize}: the Inception extractor takes {INCEPTION_SIZE} x {INCEPTION_SIZE}")
-        return found
+    """The fixed classifier-free guidance scale folded into the teacher's ODE step, at least 1: the student samples
+    without guidance and reproduces the teacher at this scale (one scale per student, as PixArt-LCM). Our samplers'
+    convention, uncond + s·(cond − uncond); LCM's papers write cond + w·(cond − uncond), so their w is s − 1
+    (PixArt-LCM's w = 4.5 is s = 5.5)."""
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """The step counts the student is evaluated and served at, each in [1, 50] (the skipping schedule's length);
+    ``sample --steps`` refuses others. Training is the same for any of them (one consistency function)."""
+    target_ema: float = 0.95
+    """Rate of the EMA target network that gives the consistency target, in [0, 1); constant (no warm-up), and
+    ``optim.ema_rate`` is not used. The target is saved as ``final-ema.safetensors``; 0: the target is the student
+    itself (no gradient) and no EMA is kept."""
+    huber_c: float = 0.001
+    """Pseudo-Huber constant c, at least 0: the loss is the mean over latent elements of sqrt(d² + c²) − c
+    (PixArt-LCM's, unscaled by the latent size); 0: the mean squared error."""

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pixart_lightning.config.fid import FIDSection
 from pixart_lightning.config.schema import (
+    MULTI_SCALE_STAGES,
     ConfigError,
     DataSection,
     DiffusionSection,
+    DistillSection,
     EvalSection,
-    FIDSection,
     ModelSection,
     OptimSection,
     SamplesSection,
@@ -50,8 +52,8 @@ class StageConfig:
     name: str = "run"
     """The run's name: its outputs go to ``runs/<name>`` unless ``out_dir`` says otherwise."""
     stage: Stage = 1
-    """Which of the paper's stages: 1 (class-conditional), 2 (text-image alignment), 3 (high aesthetics). Set by
-    the config folder's file name, not by a key."""
+    """Which stage: the paper's 1 (class-conditional), 2 (text-image alignment), 3 (high aesthetics), or 4 (few-step
+    consistency distillation of stage 3). Set by the config folder's file name, not by a key."""
     out_dir: str = "runs/${name}"
     """Outputs go to ``<out_dir>/stage<N>/``; other paths may refer to it as ``${out_dir}``."""
     phases: list[dict[str, Any]] = field(default_factory=list)
@@ -77,6 +79,8 @@ class StageConfig:
     """The end-of-stage alignment eval."""
     fid: FIDSection = field(default_factory=FIDSection)
     """FID measurements (off without ``fid.reference``)."""
+    distill: DistillSection = field(default_factory=DistillSection)
+    """Stage 4's consistency distillation (ignored by stages 1-3)."""
     overrides: list[str] = field(default_factory=list)
     """The command-line ``key=value`` overrides this config was loaded with (recorded, not set in YAML)."""
 
@@ -142,7 +146,7 @@ class StageConfig:
             interpolation_scale=scale,
             mode="text" if self.text_mode else "class",
             num_classes=m.num_classes,
-            micro_conditions=self.stage == 3 and self.data.multi_scale,
+            micro_conditions=self.stage in MULTI_SCALE_STAGES and self.data.multi_scale and m.micro_conditions,
         )
         if self.vae.name == PIXEL_SPACE:
             fields["in_channels"] = 3

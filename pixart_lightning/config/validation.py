@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import math
 
-from pixart_lightning.config.schema import ConfigError, choice_problem, literal_fields
+from pixart_lightning.config.schema import (
+    DISTILL_STAGE,
+    MULTI_SCALE_STAGES,
+    ConfigError,
+    choice_problem,
+    literal_fields,
+)
 from pixart_lightning.config.stage import StageConfig
+from pixart_lightning.diffusion.consistency import LCM_ORIGINAL_STEPS
+from pixart_lightning.diffusion.sampling import CONSISTENCY_SAMPLER, UNGUIDED
 from pixart_lightning.models.config import MODEL_SIZES, PixArtConfig
 
 FP16_PRECISIONS = ("16-mixed", "16")
@@ -91,8 +99,14 @@ def _combination_problems(cfg: StageConfig) -> list[str]:
         found.append("train.sharding=hybrid replicates across nodes: it needs train.num_nodes >= 2")
     if cfg.data.min_ratio > cfg.data.max_ratio:
         found.append(f"data.min_ratio={cfg.data.min_ratio} is above data.max_ratio={cfg.data.max_ratio}")
-    if cfg.data.multi_scale and cfg.stage != 3:
-        found.append("data.multi_scale is stage 3's (aspect-ratio buckets and micro-conditions)")
+    if cfg.data.multi_scale and cfg.stage not in MULTI_SCALE_STAGES:
+        found.append(f"data.multi_scale is for stages {' and '.join(map(str, MULTI_SCALE_STAGES))} (aspect-ratio "
+                     "buckets and micro-conditions)")
+    for key, sampler, scales in (("samples", cfg.samples.sampler, cfg.samples.cfg_scales),
+                                 ("fid", cfg.fid.sampler, [cfg.fid.cfg_scale])):
+        if sampler in UNGUIDED and any(scale != 1 for scale in scales):
+            found.append(f"{key}.sampler={sampler} samples a model with the guidance inside it: set {key}.cfg_scale"
+                         f"{'s=[1.0]' if key == 'samples' else '=1.0'}")
     for i, phase in enumerate(cfg.phases):
         if "name" not in phase:
             found.append(f"phases[{i}] needs a name (it names the sub-run folder)")
@@ -114,16 +128,38 @@ def _lora_problems(cfg: StageConfig) -> list[str]:
     if lora.base_dtype == "bf16" and cfg.train.precision != "bf16-mixed":
         found.append(f"model.lora.base_dtype=bf16 needs train.precision=bf16-mixed (not {cfg.train.precision}): "
                      "bf16 weights are multiplied under its autocast")
-    if cfg.train.strategy == "fsdp":
-        found.append("model.lora with train.strategy=fsdp is not supported yet (a sharded checkpoint of the adapters "
-                     "alone does not load); use ddp: the frozen base needs no optimizer state to shard")
+    return found
+
+
+def _distill_problems(cfg: StageConfig) -> list[str]:
+    """Stage 4's distillation settings (the section is ignored by the other stages)."""
+    if cfg.stage != DISTILL_STAGE:
+        return []
+    d, found = cfg.distill, []
+    if not d.cfg_scale >= 1 or not math.isfinite(d.cfg_scale):
+        found.append(f"distill.cfg_scale={d.cfg_scale}: must be at least 1 (1: the teacher unguided)")
+    bad_steps = [s for s in d.steps if not 1 <= s <= LCM_ORIGINAL_STEPS]
+    if not d.steps or bad_steps:
+        found.append(f"distill.steps={list(d.steps)}: give step counts in [1, {LCM_ORIGINAL_STEPS}] (the skipping "
+                     "schedule's length)")
+    if not 0 <= d.target_ema < 1:
+        found.append(f"distill.target_ema={d.target_ema}: must be in [0, 1) (0: the student is its own target)")
+    if not d.huber_c >= 0:
+        found.append(f"distill.huber_c={d.huber_c}: must be at least 0 (0: mean squared error)")
+    if cfg.phases:
+        found.append("stage 4 has no phases: it distils at its teacher's resolution in one run")
+    for key, sampler, steps in (("samples", cfg.samples.sampler, cfg.samples.steps), ("fid", cfg.fid.sampler,
+                                                                                     cfg.fid.steps)):
+        if sampler != CONSISTENCY_SAMPLER or steps not in d.steps:
+            found.append(f"{key}.sampler={sampler}, {key}.steps={steps}: stage 4's student samples with "
+                         f"{CONSISTENCY_SAMPLER} at one of distill.steps {list(d.steps)} (and cfg_scale 1)")
     return found
 
 
 def validate(cfg: StageConfig) -> StageConfig:
     """Collect every problem, then raise once (so a user fixes them in one go)."""
     problems = [*_choice_problems(cfg), *cfg.fid.problems(), *_range_problems(cfg), *_batch_problems(cfg),
-                *_model_problems(cfg), *_combination_problems(cfg), *_lora_problems(cfg)]
+                *_model_problems(cfg), *_combination_problems(cfg), *_lora_problems(cfg), *_distill_problems(cfg)]
     if problems:
         raise ConfigError(*problems)
     return cfg

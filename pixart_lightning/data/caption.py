@@ -58,6 +58,8 @@ SEEDED_PROMPT = 'Given the caption of this image "{caption}", describe this imag
 IMAGE_ASPECTS = ("pad", "crop")
 SETTINGS_KEY = "settings"
 """Where a shard's statistics record the settings it was captioned with."""
+MISSING_ONLY = "missing_only"
+"""The setting that keeps a sample's own caption as its ``dense.txt`` and captions only the samples without one."""
 
 
 def caption_prompt(caption: str | None = None) -> str:
@@ -160,6 +162,7 @@ def recaption(
     world_size: int = 1,
     progress: bool = True,
     image_aspect: str = "pad",
+    missing_only: bool = False,
 ) -> dict[str, Any]:
     """Write a dense-captioned copy of this rank's shards of ``source`` to ``out_dir``; returns the caption
     manifest (totals over every finished shard) with this run's ``shards_done`` and ``shards_already_done``.
@@ -167,6 +170,8 @@ def recaption(
     ``dtype="auto"`` is bfloat16 on CUDA and float32 otherwise; ``device=None`` picks ``cuda:{rank % gpus}``
     when CUDA is available. ``max_new_tokens=None`` follows the model (:func:`generation_limit`).
     ``image_aspect``: see :class:`Captioner`. The model is loaded only if some shard of this rank is still to do.
+    ``missing_only``: only samples without a ``txt`` caption go to the model; the others keep their own caption as
+    ``dense.txt`` (``pixart-lightning finetune``'s default: the user's captions are kept).
     """
     rank, world_size = process_rank(rank, world_size)
     if batch_size < 1:
@@ -183,7 +188,8 @@ def recaption(
     if Path(model).is_dir():
         model = str(Path(model).resolve())  # the folder, wherever the command is run from
     settings = {"model": model, "max_new_tokens": max_new_tokens or model_generation_limit(model),
-                "seed_with_caption": seed_with_caption, "image_aspect": image_aspect}
+                "seed_with_caption": seed_with_caption, "image_aspect": image_aspect,
+                **({MISSING_ONLY: True} if missing_only else {})}  # absent otherwise: older folders still resume
     _check_settings(out_dir, settings, targets)
     todo = [shard for shard in mine if not shard_finished(out_dir / shard.name)]
     device = device or process_device(rank)
@@ -220,7 +226,8 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], targets: list[Path]
     found = next((r for r in recorded if r != settings), None)
     if found is None:
         return
-    differ = [f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in settings.items() if found.get(k) != v]
+    differ = [f"{k}: {found.get(k)!r} there, {settings.get(k)!r} asked" for k in {**found, **settings}
+              if found.get(k) != settings.get(k)]
     raise FileExistsError(f"{out_dir} holds captions made with other settings ({'; '.join(differ)}); run with its "
                           "settings to resume it, or write the new captions to another folder")
 
@@ -257,8 +264,13 @@ def _recaption_shard(
         with TarWriter(str(partial), encoder=False) as sink:
             for batch in batched(_readable(shard, skipped), batch_size):
                 samples, images = zip(*batch, strict=True)
-                captions = [caption_text(s, "txt", {}) if settings["seed_with_caption"] else None for s in samples]
-                dense_captions, tokens = captioner.caption(images, captions)
+                own = [caption_text(s, "txt", {}) for s in samples]
+                kept = {i: caption for i, caption in enumerate(own) if caption and settings.get(MISSING_ONLY)}
+                asked = [i for i in range(len(samples)) if i not in kept]
+                seeds = [own[i] if settings["seed_with_caption"] else None for i in asked]
+                written_captions, tokens = captioner.caption([images[i] for i in asked], seeds) if asked else ([], 0)
+                captions = kept | dict(zip(asked, written_captions, strict=True))
+                dense_captions = [captions[i] for i in range(len(samples))]
                 new_tokens += tokens
                 for sample, dense in zip(samples, dense_captions, strict=True):
                     bar.update()

@@ -1,4 +1,5 @@
-"""Text/class-conditional sampling with classifier-free guidance (DPM-Solver++ or ancestral)."""
+"""Text/class-conditional sampling: DPM-Solver++ or ancestral with classifier-free guidance, or the consistency
+sampler of a stage-4 student, whose guidance was folded in when it was distilled."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, SchedulerMixin
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pixart_lightning.diffusion.consistency import lcm_scheduler
 from pixart_lightning.diffusion.gaussian_diffusion import (
     ModelOutputFn,
     Prediction,
@@ -19,9 +21,17 @@ from pixart_lightning.diffusion.gaussian_diffusion import (
 )
 from pixart_lightning.diffusion.schedule import diffusers_schedule
 
-SAMPLERS = ("dpm++", "ancestral")
-DEFAULT_STEPS = {"dpm++": 20, "ancestral": 100}
+SAMPLERS = ("dpm++", "ancestral", "lcm")
+DEFAULT_STEPS = {"dpm++": 20, "ancestral": 100, "lcm": 4}
 """Steps each sampler takes when the caller names none."""
+DEFAULT_SAMPLER = "dpm++"
+"""The sampler of every model but a consistency student, when the caller names none."""
+DEFAULT_CFG_SCALE = 4.5
+"""Classifier-free guidance scale when the caller names none (PixArt-α's)."""
+CONSISTENCY_SAMPLER = "lcm"
+"""The sampler of a consistency-distilled (stage-4) model."""
+UNGUIDED = (CONSISTENCY_SAMPLER,)
+"""Samplers of models with the guidance inside them (a consistency student): they take ``cfg_scale=1`` only."""
 
 
 def guided_model_fn(
@@ -55,17 +65,27 @@ def dpm_solver_scheduler(prediction: Prediction) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**diffusers_schedule(prediction), algorithm_type="dpmsolver++", solver_order=2)
 
 
-def _dpm_solver_pp(
+def diffusers_scheduler(sampler: str, prediction: Prediction) -> SchedulerMixin:
+    """The diffusers scheduler that ``sampler`` steps with (``dpm++`` or ``lcm``), for a model predicting ε or v;
+    what an exported pipeline carries."""
+    if sampler == CONSISTENCY_SAMPLER:
+        return lcm_scheduler(prediction)
+    if sampler == "dpm++":
+        return dpm_solver_scheduler(prediction)
+    raise ValueError(f"sampler {sampler!r} has no diffusers scheduler; choose dpm++ or lcm")
+
+
+def _scheduler_loop(
+    scheduler: SchedulerMixin,
     fn: ModelOutputFn,
     shape: Sequence[int],
     steps: int,
     generator: torch.Generator | None,
     device: torch.device,
     progress: bool,
-    prediction: Prediction,
 ) -> Tensor:
-    """Second-order multistep DPM-Solver++ on the ε (or v) channels."""
-    scheduler = dpm_solver_scheduler(prediction)
+    """A diffusers scheduler's sampling loop on the ε (or v) channels, drawing every noise from ``generator`` in the
+    order ``PixArtAlphaPipeline`` draws it (the starting latents, then each step's), so that both give one image."""
     scheduler.set_timesteps(steps, device=device)
     x = randn(shape, generator, device) * scheduler.init_noise_sigma
     for t in tqdm(scheduler.timesteps, disable=not progress):
@@ -90,24 +110,32 @@ def sample(
     shape: Sequence[int],
     model_kwargs: dict[str, Any] | None,
     *,
-    sampler: str = "dpm++",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int | None = None,
-    cfg_scale: float = 4.5,
+    cfg_scale: float = DEFAULT_CFG_SCALE,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     learn_sigma: bool = True,
     prediction: Prediction = "epsilon",
 ) -> Tensor:
-    """Generate latents x_0 of `shape` from `model` with classifier-free guidance."""
+    """Generate latents x_0 of `shape` from `model` with classifier-free guidance.
+
+    ``lcm`` samples a consistency student (stage 4) in ``steps`` consistency steps (diffusers' ``LCMScheduler``,
+    :func:`~pixart_lightning.diffusion.consistency.lcm_scheduler`): each maps x_t to x_0 and re-noises it to the
+    next timestep, the last returns x_0. Its guidance was folded in at distillation, so ``cfg_scale`` must be 1.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler in UNGUIDED and cfg_scale != 1.0:
+        raise ValueError(f"the {sampler} sampler draws a consistency-distilled model, whose guidance is folded in: "
+                         f"sample it with cfg_scale=1 (got {cfg_scale})")
     check_prediction(prediction)
     steps = steps or DEFAULT_STEPS[sampler]
     device = torch.device(device) if device is not None else _default_device(model)
     fn = guided_model_fn(model, model_kwargs, cfg_scale)
 
-    if sampler == "dpm++":
-        return _dpm_solver_pp(fn, shape, steps, generator, device, progress, prediction)
+    if sampler != "ancestral":
+        return _scheduler_loop(diffusers_scheduler(sampler, prediction), fn, shape, steps, generator, device, progress)
     diffusion = create_diffusion(steps, learn_sigma=learn_sigma, prediction=prediction)
     return diffusion.p_sample_loop(fn, shape, generator=generator, device=device, progress=progress)

@@ -150,7 +150,10 @@ def evaluate_fid(
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Add a record to a JSON list file, written atomically."""
+    """Add a record to a JSON list file, written atomically. A record with a ``step`` replaces those at that step
+    or later: they came from an attempt that stopped before its next checkpoint, which the stage trains again."""
     path = Path(path)
     records = json.loads(path.read_text()) if path.is_file() else []
+    if "step" in record:
+        records = [r for r in records if r.get("step", -1) < record["step"]]
     write_json_atomic(path, [*records, record])

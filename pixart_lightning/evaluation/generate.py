@@ -11,6 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from pixart_lightning.diffusion import sample
+from pixart_lightning.diffusion.sampling import DEFAULT_CFG_SCALE, DEFAULT_SAMPLER
 from pixart_lightning.encoders.text import LazyTextEncoder, PromptFeatures, T5TextEncoder
 from pixart_lightning.encoders.vae import VAE, LazyVAE, PixelSpace
 from pixart_lightning.models.pixart import PixArt
@@ -89,9 +90,9 @@ def generate(
     encoder: Encoder | None = None,
     height: int = 256,
     width: int = 256,
-    sampler: str = "dpm++",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int | None = None,
-    cfg_scale: float = 4.5,
+    cfg_scale: float = DEFAULT_CFG_SCALE,
     seed: int = 0,
     progress: bool = False,
     prediction: str = "epsilon",

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from pixart_lightning.config import StageConfig
+from pixart_lightning.diffusion.sampling import DEFAULT_CFG_SCALE
 from pixart_lightning.encoders.frozen import FrozenEncoders
 from pixart_lightning.evaluation.generate import generate
 from pixart_lightning.models import PixArt
@@ -22,7 +23,7 @@ def generation_prompts(cfg: StageConfig) -> list[str]:
 @torch.no_grad()
 def sample_images(
     model: PixArt, encoders: FrozenEncoders, cfg: StageConfig, precision: str, *,
-    prompts: list[str] | None = None, labels: list[int] | None = None, cfg_scale: float = 4.5, seed: int = 0,
+    prompts: list[str] | None = None, labels: list[int] | None = None, cfg_scale: float = DEFAULT_CFG_SCALE, seed: int = 0,
 ) -> Tensor:
     """uint8 images (B, 3, H, W) of a training stage's ``model`` for fixed prompts or labels, at the stage's
     resolution with its sampler and prediction, under the trainer's ``precision``; the model is left in the mode

@@ -38,7 +38,7 @@ SET_BY = {
 SET_BY_MODE = {
     "class": {"num_classes": "model.num_classes"},
     "text": {"caption_channels": "text_encoder.name", "max_caption_tokens": "the model's null caption length",
-             "micro_conditions": "data.multi_scale, stage 3's"},
+             "micro_conditions": "data.multi_scale, stage 3's, and model.micro_conditions"},
 }
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from pixart_lightning.diffusion.gaussian_diffusion import check_prediction
-from pixart_lightning.diffusion.sampling import dpm_solver_scheduler
+from pixart_lightning.diffusion.sampling import DEFAULT_SAMPLER, diffusers_scheduler
 from pixart_lightning.encoders.text import T5TextEncoder
 from pixart_lightning.encoders.vae import VAE
 from pixart_lightning.interop.formats import save_null_caption, to_diffusers_model
@@ -15,14 +15,17 @@ from pixart_lightning.models.pixart import PixArt
 
 def export_pipeline(
     model: PixArt, folder: str | os.PathLike, text_encoder: str | os.PathLike, vae: str | os.PathLike,
-    prediction: str = "epsilon",
+    prediction: str = "epsilon", sampler: str = DEFAULT_SAMPLER,
 ) -> Path:
     """Write a folder that ``PixArtAlphaPipeline.from_pretrained(folder)`` loads and runs offline.
 
     ``text_encoder`` and ``vae`` are hub ids or local folders (a pipeline folder works for both).
-    The scheduler is our ``dpm++`` sampler's (:func:`~pixart_lightning.diffusion.sampling.dpm_solver_scheduler`:
-    2nd-order DPM-Solver++ over the training schedule, as PixArt-α samples), set to what the model predicts
-    (``epsilon`` or ``v``, as it was trained).
+    The scheduler is our ``sampler``'s (:func:`~pixart_lightning.diffusion.sampling.diffusers_scheduler`), set to
+    what the model predicts (``epsilon`` or ``v``, as it was trained): ``dpm++``, 2nd-order DPM-Solver++ over the
+    training schedule, as PixArt-α samples; ``lcm``, diffusers' ``LCMScheduler`` for a consistency-distilled
+    (stage-4) model. The latter has its guidance folded in: call the pipeline with ``guidance_scale=1.0`` (any
+    value ≤ 1 turns diffusers' classifier-free guidance off; its default, 4.5, would guide a second time) and
+    ``num_inference_steps`` one of the step counts it was distilled for.
     Note that diffusers guides with T5("") as the negative prompt, while our sampler uses the
     model's null caption embedding; it is kept in ``transformer/`` as ``null_caption.safetensors``
     so that importing the folder restores it.
@@ -31,7 +34,7 @@ def export_pipeline(
 
     if model.cfg.mode != "text":
         raise ValueError("only a text-mode model can be exported as a PixArtAlphaPipeline")
-    scheduler = dpm_solver_scheduler(check_prediction(prediction))
+    scheduler = diffusers_scheduler(sampler, check_prediction(prediction))
     encoder = T5TextEncoder.from_pretrained(text_encoder)
     autoencoder = VAE.from_pretrained(vae)
     problems = []

@@ -1,4 +1,5 @@
-"""The stage-chaining runner: stage 1 -> 2 -> 3, each starting from the previous one's final weights.
+"""The stage-chaining runner: stage 1 -> 2 -> 3 (-> 4), each starting from the previous one's final weights (stage 4,
+which distils stage 3, from its EMA weights).
 
 Every stage (or phase of a stage) is a *unit* with its own folder ``runs/<name>/stage<N>[/<phase>]/``:
 
@@ -38,11 +39,18 @@ from pixart_lightning.encoders.text import PromptFeatures
 from pixart_lightning.files import sha256, write_text_atomic
 from pixart_lightning.interop import load_weights
 from pixart_lightning.interop.init_from import checkpoint_record
-from pixart_lightning.runner.inputs import check_features, check_paths, prepare_data, text_encoder_path
+from pixart_lightning.runner.inputs import (
+    check_features,
+    check_paths,
+    check_teacher,
+    check_teacher_prediction,
+    prepare_data,
+    text_encoder_path,
+)
 from pixart_lightning.runner.logs import unit_log
 from pixart_lightning.runner.report import finish, print_summary, record_training, start_manifest, write_json
 from pixart_lightning.runner.trainer import make_trainer
-from pixart_lightning.runner.unit import CHECKPOINTS, FINAL, MANIFEST, SAVED_CONFIG, RunnerError, Unit
+from pixart_lightning.runner.unit import CHECKPOINTS, FINAL, FINAL_EMA, MANIFEST, SAVED_CONFIG, RunnerError, Unit
 from pixart_lightning.training.parallel import consolidated, rank_zero_result
 from stages import STAGE_MODULES
 from stages.base import DiffusionStage
@@ -54,7 +62,7 @@ def plan(folder: str | Path, overrides: list[str] | None = None) -> list[Unit]:
         raise ConfigError(f"config folder {folder} does not exist (the embedded default is configs/demo)")
     stage_numbers = [s for s in STAGES if (Path(folder) / f"stage{s}.yaml").is_file()]
     if not stage_numbers:
-        raise ConfigError(f"{folder} holds no stage1.yaml, stage2.yaml or stage3.yaml")
+        raise ConfigError(f"{folder} holds no stage config ({', '.join(f'stage{s}.yaml' for s in STAGES)})")
     units = []
     for stage in stage_numbers:
         cfg = load_stage(folder, stage, overrides)
@@ -173,13 +181,16 @@ def _parent(unit: Unit, units: list[Unit], folder: str | Path) -> tuple[Path | N
     """The previous unit's final weights that ``unit`` starts from (None: it starts fresh, or from
     ``model.init_from``, which its stage loads) and the manifest's record of where it starts from (path, sha256).
 
-    ``model.init_from`` replaces the previous stage, not the previous phase of the same stage.
+    ``model.init_from`` replaces the previous stage, not the previous phase of the same stage. A distilling stage
+    (stage 4) starts from its parent's EMA weights, its teacher (:func:`~.inputs.check_teacher`).
     """
     place = units.index(unit)
     parent = units[place - 1] if place > 0 else None
     init_from = unit.cfg.model.init_from
     # Rank 0 reads the (multi-GB) weights once; the other ranks leave the checks to it (parallel.rank_zero_result).
     if init_from and (parent is None or parent.stage != unit.stage):
+        if STAGE_MODULES[unit.stage].teacher_from_parent and Path(init_from).exists():
+            check_teacher_prediction(unit.cfg, Path(init_from))
         return None, rank_zero_result(lambda: checkpoint_record(init_from))
     weights = _parent_weights(unit, parent, folder)
     if weights is None:
@@ -195,4 +206,6 @@ def _parent_weights(unit: Unit, parent: Unit | None, folder: str | Path) -> Path
         command = ["pixart-lightning", "run", str(folder or "CONFIG"), "--stages", str(parent.stage), *unit.cfg.overrides]
         raise RunnerError(f"{unit.label} starts from {parent.label}'s final weights, which do not exist yet ({weights}). "
                           f"Run {parent.label} first: {shlex.join(command)}")
+    if STAGE_MODULES[unit.stage].teacher_from_parent:
+        return check_teacher(unit.cfg, parent.dir / FINAL_EMA, parent.label)
     return weights

@@ -11,7 +11,9 @@ from pixart_lightning.config import ConfigError, StageConfig
 from pixart_lightning.data.shards import DataError, data_buckets, read_manifest, resolve_sources
 from pixart_lightning.encoders.text import TINY_T5
 from pixart_lightning.files import atomic_folder
-from pixart_lightning.runner.unit import RunnerError, Unit
+from pixart_lightning.interop import read_prediction
+from pixart_lightning.runner.unit import RunnerError, Unit, read_unit_manifest
+from pixart_lightning.shapes import world
 from pixart_lightning.shapes.synth import MANIFEST as SHAPES_MANIFEST
 from pixart_lightning.shapes.synth import synthesize
 from pixart_lightning.shapes.tiny_models import build_tiny_t5
@@ -27,6 +29,8 @@ def check_paths(units: list[Unit]) -> None:
     problems = []
     for unit in units:
         cfg = unit.cfg
+        if cfg.data.synth is not None:
+            _recolor_rgb(cfg.data.synth.recolor)  # a colour name the world lacks stops here, before any stage
         reads = {"data.shards": cfg.data.shards} | ({"fid.reference": cfg.fid.reference} if cfg.fid.enabled else {})
         for key, spec in reads.items():
             if spec in synthesized:
@@ -42,6 +46,27 @@ def check_paths(units: list[Unit]) -> None:
                 problems.append(f"{unit.label}: {key}: the folder {name} does not exist")
     if problems:
         raise ConfigError("missing inputs (nothing was started):\n  " + "\n  ".join(problems))
+
+
+def check_teacher(cfg: StageConfig, weights: Path, parent: str) -> Path:
+    """The EMA weights ``weights`` of the unit ``parent`` that a distilling stage (stage 4) takes as its teacher:
+    present, and predicting what this stage's ``diffusion.prediction`` says."""
+    if not weights.is_file():
+        raise RunnerError(f"stage {cfg.stage} distils {parent}'s EMA weights and {weights.parent} has none "
+                          f"({weights.name}; {parent} kept no EMA: optim.ema_rate=0): train {parent} again with "
+                          "optim.ema_rate > 0, or set model.init_from to the weights to distil")
+    check_teacher_prediction(cfg, weights)
+    return weights
+
+
+def check_teacher_prediction(cfg: StageConfig, weights: Path) -> None:
+    """A teacher's outputs are read as ε or v as the stage's ``diffusion.prediction`` says: refuse a teacher that
+    records (in its metadata, or its stage folder's manifest) that it was trained to predict the other."""
+    recorded = read_prediction(weights) or (read_unit_manifest(weights).get("prediction") if weights.is_file() else None)
+    if recorded is not None and recorded != cfg.diffusion.prediction:
+        raise RunnerError(f"{weights} predicts {recorded} and stage {cfg.stage} has diffusion.prediction="
+                          f"{cfg.diffusion.prediction}: a teacher is distilled with its own prediction type; set "
+                          f"stage{cfg.stage}.diffusion.prediction={recorded}")
 
 
 def _looks_local(name: str) -> bool:
@@ -87,6 +112,15 @@ def _held_dataset(spec: str) -> str | None:
     return f"a dataset of {len(sources)} .tar shard(s)" + (f" ({kind})" if kind else "")
 
 
+def _recolor_rgb(recolor: dict[str, str]) -> dict[str, tuple[int, int, int]]:
+    """``data.synth.recolor``'s colour names as the RGB values the world paints."""
+    for name, new in recolor.items():
+        if name not in world.COLORS or new not in world.DETECTOR_COLORS:
+            raise ConfigError(f"data.synth.recolor.{name}={new}: keys are the world's colours "
+                              f"({', '.join(world.COLORS)}); values those or {', '.join(world.DETECTOR_COLORS)}")
+    return {name: world.DETECTOR_COLORS[new] for name, new in recolor.items()}
+
+
 def prepare_data(cfg: StageConfig, granularity: int) -> None:
     """Write the embedded world's shards if the config asks for them and ``data.shards`` holds no dataset yet;
     one that holds another dataset (the user's own shards or features) is trained on as it is."""
@@ -104,7 +138,8 @@ def prepare_data(cfg: StageConfig, granularity: int) -> None:
             buckets=list(data_buckets(d.resolution, granularity, True, d.min_ratio, d.max_ratio).values())
             if d.multi_scale else None,
             two_shape_fraction=synth.two_shape_fraction, templates=synth.templates,
-            samples_per_shard=synth.samples_per_shard, progress=cfg.train.progress_bar,
+            samples_per_shard=synth.samples_per_shard, recolor=_recolor_rgb(synth.recolor),
+            progress=cfg.train.progress_bar,
         )
     except FileExistsError as err:
         fix = "set data.synth=null to train on it as it is, or set data.shards" if held else "set data.shards"

@@ -11,12 +11,14 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from callbacks.fid import RECORDS as FID_RECORDS
-from pixart_lightning.config import BatchPlan
+from pixart_lightning.config import DISTILL_STAGE, BatchPlan
 from pixart_lightning.encoders.frozen import FrozenEncoders
-from pixart_lightning.evaluation.alignment import alignment
+from pixart_lightning.evaluation.alignment import alignment, attribute_line
+from pixart_lightning.evaluation.few_step import comparison_lines, fid_note
 from pixart_lightning.files import sha256, write_json_atomic
 from pixart_lightning.interop import save_weights
 from pixart_lightning.models import PixArt
+from pixart_lightning.runner.distilled import score_few_step
 from pixart_lightning.runner.logs import chain_tensorboard
 from pixart_lightning.runner.unit import ALIGNMENT, FINAL, FINAL_EMA, MANIFEST, SAMPLES, SAVED_CONFIG, Unit
 from pixart_lightning.training import lora
@@ -74,8 +76,10 @@ def finish(
     if ema is not None:
         outputs["ema"] = save_weights(ema, unit.dir / FINAL_EMA, cfg.diffusion.prediction)
     manifest["weights"] = {name: {"path": str(p), "sha256": sha256(p)} for name, p in outputs.items()}
-    if cfg.eval.alignment_prompts:
-        scored = ema if cfg.samples.use_ema and ema is not None else model
+    scored = ema if cfg.samples.use_ema and ema is not None else model
+    if unit.stage == DISTILL_STAGE:  # alignment, FID and time per image at each step count, beside the teacher's
+        manifest["few_step"] = score_few_step(unit, trainer, scored, encoders, manifest)
+    elif cfg.eval.alignment_prompts:
         manifest["alignment"] = _score_alignment(unit, trainer, scored, encoders)
     manifest["status"] = "done"
     manifest["steps"] = cfg.train.max_steps
@@ -98,13 +102,14 @@ def _score_alignment(unit: Unit, trainer: L.Trainer, model: PixArt, encoders: Fr
     for logger in trainer.loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in result.items() if k.endswith("accuracy")}, trainer.global_step)
         logger.save()
-    print(f"{unit.label}: alignment {result['alignment']:.2f} "
-          f"(background {result['background_accuracy']:.2f}, shape colour {result['shape_accuracy']:.2f})")
+    print(f"{unit.label}: alignment {result['alignment']:.2f} ({attribute_line(result)})")
     return result
 
 
 def print_summary(units: list[Unit]) -> None:
-    """One line per unit: wall time, alignment (embedded world) and where to look (rank 0 prints)."""
+    """One line per unit: wall time, alignment (embedded world) and where to look, with the accuracy per attribute
+    on a second line when alignment was scored, and a stage-4 unit's comparison with its teacher below, with how many
+    images its FID had and the command for the student's full FID (rank 0 prints)."""
     if rank_zero_only.rank != 0:
         return
     print("\nsummary:")
@@ -116,5 +121,10 @@ def print_summary(units: list[Unit]) -> None:
               + (f"alignment {score:.2f}   " if score is not None else "")
               + (f"FID {fids}   " if fids else "")
               + f"samples: {unit.dir / SAMPLES / 'final.png'}")
+        if score is not None:
+            print(f"  {'':16s} {attribute_line(m['alignment'])}")
+        few_step, note = m.get("few_step", []), fid_note(m.get("few_step", []), unit.dir)
+        for line in comparison_lines(few_step) + ([note] if note else []):
+            print(f"  {'':16s} {line}")
     if units:
         print(f"  TensorBoard: tensorboard --logdir {chain_tensorboard(units[0].cfg.run_dir)}   (or: make tensorboard)")

@@ -113,11 +113,12 @@ def sample_scene(rng: np.random.Generator, two_shape_fraction: float = 0.0) -> S
     return Scene(background, shapes)
 
 
-def _box(shape: Shape, height: int, width: int) -> tuple[float, float, float, float]:
-    """The shape's bounding box (x0, y0, x1, y1) in pixels, kept 1 px inside the image."""
-    side = SIZE_FRACTIONS[shape.size] * min(height, width)
+def shape_box(size: str, position: str, height: int, width: int) -> tuple[float, float, float, float]:
+    """Where a shape of ``size`` at ``position`` is drawn: its bounding box (x0, y0, x1, y1) in pixels (pixel i spans
+    [i, i + 1]), centred on the position's anchor but kept 1 px inside the image."""
+    side = SIZE_FRACTIONS[size] * min(height, width)
     half = side / 2
-    ax, ay = POSITIONS[shape.position]
+    ax, ay = POSITIONS[position]
     cx = min(max(ax * width, half + 1), width - half - 1)
     cy = min(max(ay * height, half + 1), height - half - 1)
     return cx - half, cy - half, cx + half, cy + half
@@ -137,7 +138,7 @@ def render_image(
     image = Image.new("RGB", (width * s, height * s), rgb[scene.background])
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        x0, y0, x1, y1 = (v * s for v in _box(shape, height, width))
+        x0, y0, x1, y1 = (v * s for v in shape_box(shape.size, shape.position, height, width))
         fill = rgb[shape.color]
         if shape.kind == "circle":
             draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # PIL boxes include their far edge
@@ -244,22 +245,40 @@ def _nearest_color(rgb: np.ndarray, colors: Mapping[str, Sequence[int]] = COLORS
     return list(colors)[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))]
 
 
-def detect(image: np.ndarray, colors: Mapping[str, Sequence[int]] = COLORS) -> Detection:
-    """Read the background (median border pixel) and the shape color (median of the clearly non-background pixels),
-    each named by the nearest colour of ``colors`` (``DETECTOR_COLORS`` reads teal too)."""
+@dataclass(frozen=True)
+class ColorSplit:
+    """An image told apart into background and shape, before any colour is named."""
+
+    background: np.ndarray
+    """RGB of the background: the median border pixel."""
+    shape: np.ndarray | None
+    """RGB of the shape: the median of its core pixels; None when too few pixels differ from the background."""
+    far: np.ndarray
+    """(height, width) bool: the pixels clearly not background colour."""
+
+
+def split_colors(image: np.ndarray) -> ColorSplit:
+    """The background colour, the shape colour and the clearly non-background pixels of an (H, W, 3+) image."""
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     bg_rgb = np.median(border, axis=0)
     distance = np.linalg.norm(pixels - bg_rgb, axis=-1)
     far = distance > _FAR
-    fraction = float(far.mean())
     if far.sum() < max(2, _MIN_SHAPE_FRACTION * far.size):
-        return Detection(_nearest_color(bg_rgb, colors), None, fraction)
+        return ColorSplit(bg_rgb, None, far)
     # Antialiased edges are blends that can sit nearer a third color; keep the pixels at least half as far from the
     # background as the far end of the shape (90th percentile, robust to a few noisy pixels).
     far_distance = distance[far]
     core = pixels[far][far_distance >= 0.5 * np.percentile(far_distance, 90)]
-    return Detection(_nearest_color(bg_rgb, colors), _nearest_color(np.median(core, axis=0), colors), fraction)
+    return ColorSplit(bg_rgb, np.median(core, axis=0), far)
+
+
+def detect(image: np.ndarray, colors: Mapping[str, Sequence[int]] = COLORS) -> Detection:
+    """Read the background and the shape color of ``split_colors``, each named by the nearest colour of ``colors``
+    (``DETECTOR_COLORS`` reads teal too)."""
+    split = split_colors(image)
+    shape_color = None if split.shape is None else _nearest_color(split.shape, colors)
+    return Detection(_nearest_color(split.background, colors), shape_color, float(split.far.mean()))
 
 
 def matches(image: np.ndarray, scene: Scene) -> bool:

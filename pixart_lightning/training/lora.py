@@ -42,19 +42,23 @@ def is_adapter_key(key: str) -> bool:
     return ".lora_" in key
 
 
-def add_adapters(model: PixArt, lora: LoRASection, like: PixArt | None = None) -> None:
+def add_adapters(model: PixArt, lora: LoRASection, like: PixArt | None = None, seed: int = 0) -> None:
     """Inject adapters into ``model``'s target layers in place and freeze the rest; calling again changes nothing.
 
     The adapters are created (A random, B zero: the model's output is unchanged) while the base is still fp32, and
     stay fp32 master weights; then, with ``base_dtype: bf16``, the frozen Linear layers are cast to bf16, which
-    ``bf16-mixed`` autocast multiplies as they are. ``like`` (the EMA copy's case) gives the adapters their
+    ``bf16-mixed`` autocast multiplies as they are. A is drawn from torch's CPU generator seeded with ``seed``, apart
+    from the global random state, so that every process draws the same whatever the world size (FSDP keeps each
+    rank's shard of its own copy, broadcasting nothing). ``like`` (the EMA copy's case) gives the adapters their
     starting weights, and then nothing of ``model`` trains.
     """
     if is_adapted(model):
         return
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=TARGETS[lora.targets])
-    inject_adapter_in_model(config, model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(like is None and is_adapter_key(name))
     if lora.base_dtype == "bf16":
@@ -63,6 +67,24 @@ def add_adapters(model: PixArt, lora: LoRASection, like: PixArt | None = None) -
                 module.to(torch.bfloat16)
     if like is not None:
         set_peft_model_state_dict(model, get_peft_model_state_dict(like))
+
+
+def add_adapters_like(model: PixArt, adapted: nn.Module) -> None:
+    """Inject into a plain ``model`` the adapters ``adapted`` holds (the same layers, rank and alpha; fresh weights,
+    the base left fp32), so that ``adapted``'s state dict loads into it: how a sharded LoRA model is consolidated."""
+    inject_adapter_in_model(adapted.peft_config["default"], model)
+
+
+def frozen_base_keys(module: nn.Module) -> set[str]:
+    """The state-dict keys of ``module`` that belong to the frozen base of an adapted ``PixArt`` within it (its
+    weights and tables other than the adapters): what a LoRA stage's checkpoint leaves out, the model as built
+    holding them already. Empty without adapters."""
+    keys = set()
+    for prefix, part in module.named_modules():
+        if isinstance(part, PixArt) and is_adapted(part):
+            keys |= {f"{prefix}.{k}" if prefix else k for k in part.state_dict(keep_vars=True)
+                     if not is_adapter_key(k)}
+    return keys
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -71,7 +71,7 @@ class NonFiniteGuard:
         if longest >= self.max_in_a_row:
             trainer = module.trainer
             debug = Path(trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{module.global_step}.ckpt"
-            trainer.save_checkpoint(debug)
+            trainer.save_checkpoint(debug, weights_only=False)
             raise TrainingStopped(
                 f"{longest} steps in a row had a non-finite gradient (train.max_nonfinite_steps="
                 f"{self.max_in_a_row}); the state is saved in {debug} for debugging. Lower "

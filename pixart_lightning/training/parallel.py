@@ -28,13 +28,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -121,6 +129,35 @@ class ShardedStrategy(ModelParallelStrategy):
                 note_written(path / name, record)
         self.barrier("checkpoint published")
 
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's, except under LoRA: there a checkpoint holds the adapters and their average but not the frozen
+        base (the model as built holds it), so only the other weights are read: exactly those, as DDP's strict load
+        wants (:func:`refuse_other_weights`)."""
+        frozen = lora.frozen_base_keys(self.lightning_module)
+        if not frozen:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        path = Path(self.broadcast(checkpoint_path))
+        wanted = {k: v for k, v in get_model_state_dict(self.model).items() if k not in frozen}
+        sharded = path.is_dir()
+        if sharded:  # read into this rank's parts of the wanted weights and of the optimizer states
+            refuse_other_weights(path, sharded_weights(path), wanted)
+            optimizer_states = [get_optimizer_state_dict(self.model, o) for o in self.optimizers]
+            torch.distributed.checkpoint.load(
+                {"state_dict": wanted, **{f"optimizer_{i}": s for i, s in enumerate(optimizer_states)}},
+                checkpoint_id=path)
+            checkpoint = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        else:  # one gathered file, which every rank reads
+            checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+            held = checkpoint.pop("state_dict")
+            refuse_other_weights(path, held, wanted)
+            wanted = {k: held[k] for k in wanted}
+            optimizer_states = [_rekey_optimizer_state_if_needed(s, self.model) for s in checkpoint["optimizer_states"]]
+        options = StateDictOptions(full_state_dict=not sharded, broadcast_from_rank0=not sharded, strict=False)
+        set_model_state_dict(self.model, wanted, options=options)
+        for optimizer, state in zip(self.optimizers, optimizer_states):
+            set_optimizer_state_dict(self.model, optimizer, state, options=options)
+        return checkpoint
+
     def _write_shards(self, checkpoint: dict[str, Any], folder: Path) -> dict[str, FileRecord]:
         """This rank's shards, and on rank 0 the metadata, in Lightning's layout; the records of the files written."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,6 +177,25 @@ class ShardedStrategy(ModelParallelStrategy):
         everyone = [None] * self.world_size if self.global_rank == 0 else None
         torch.distributed.gather_object(records, everyone, dst=0)
         return {name: record for ranks in everyone or [] for name, record in ranks.items()}
+
+
+def sharded_weights(folder: Path) -> set[str]:
+    """The keys of the module weights a folder of shards holds (its metadata's ``state_dict.*`` entries)."""
+    held = FileSystemReader(folder).read_metadata().state_dict_metadata
+    return {k.removeprefix("state_dict.") for k in held if k.startswith("state_dict.")}
+
+
+def refuse_other_weights(path: Path, held: Iterable[str], wanted: Iterable[str]) -> None:
+    """Refuse a LoRA checkpoint that does not hold exactly the weights the stage trains: a missing one would stay at
+    its start, and an extra one (the adapters of layers no longer targeted, after narrowing ``model.lora.targets``)
+    would be dropped unseen, ``torch.distributed.checkpoint.load`` reading only what it is asked for."""
+    held, wanted = set(held), set(wanted)
+    for keys, says in ((sorted(wanted - held), "lacks {} of the weights this LoRA stage trains"),
+                       (sorted(held - wanted), "holds {} weights this LoRA stage does not train")):
+        if keys:
+            named = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            raise ValueError(f"{path} {says.format(len(keys))} ({named}): it was written with other model.lora "
+                             "settings; resume with those, or delete the stage folder's checkpoints/ to restart it")
 
 
 class DataParallelStrategy(DDPStrategy):
@@ -186,7 +242,7 @@ def parallelize(model: PixArt, cfg: StageConfig, device: torch.device, mesh: Dev
     than once) changes nothing.
     """
     if cfg.model.lora is not None:
-        lora.add_adapters(model, cfg.model.lora)
+        lora.add_adapters(model, cfg.model.lora, seed=cfg.train.seed)
         if average is not None:
             lora.add_adapters(average, cfg.model.lora, like=model)
     checkpoint_activations(model, cfg.model.gradient_checkpointing)
@@ -247,14 +303,13 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """The module's complete state on the CPU. Collective when sharded: every rank calls, rank 0 gets it."""
     if not is_sharded(module):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def consolidated(model: PixArt, average: PixArt | None, device: torch.device) -> tuple[PixArt | None, PixArt | None]:
     """(model, EMA model) as plain, unsharded modules on rank 0, whatever the strategy, the EMA copy in eval mode
-    (it only samples and is saved); unsharded ones are returned as they are, on every rank.
+    (it only samples and is saved); unsharded ones are returned as they are, on every rank. Adapted models keep
+    their adapters (over an fp32 base) for ``lora.merged`` and ``lora.save_adapters``.
 
     Collective under FSDP (every rank must call it; the others get ``(None, None)``).
     """
@@ -267,6 +322,8 @@ def consolidated(model: PixArt, average: PixArt | None, device: torch.device) ->
             plain.append(None)
             continue
         copy = PixArt(module.cfg)
+        if lora.is_adapted(module):
+            lora.add_adapters_like(copy, module)
         copy.load_state_dict(state)
         plain.append(copy.to(device).eval())
     return plain[0], plain[1]
