@@ -34,7 +34,7 @@ from pixart_lightning.gpu_check.wheels import download_command, missing_packages
 from pixart_lightning.training.compilation import compile_unavailable
 
 CHECK_NAMES = ["environment", "train_256", "train_512", "fsdp", "numerics", "syncs", "sampling", "attention", "chain",
-               "finetune"]
+               "finetune", "distill"]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,25 @@ def test_cpu_run_finetune_figures(cpu_report):
     assert 0 < lora["trainable_params"] < full["trainable_params"] == full["params"]
     assert 0 < finetune["lora_over_full"]["grad_optimizer_mib"] < 1
     assert "lora_largest_batch_projected" not in finetune
+
+
+def test_cpu_run_distill_figures(cpu_report):
+    """Student and teacher were timed on one batch; both stage-4 variants trained their steps. The full variant
+    holds a teacher copy and a target as large as the student; under LoRA the teacher is the student's base (no
+    memory of its own), while the target, the EMA copy, holds its own frozen base beside its adapters."""
+    distill = _figures(cpu_report, "distill")
+    student, teacher = distill["student_seconds_per_image"], distill["teacher_seconds_per_image"]
+    assert student > 0 and teacher > 0 and distill["teacher_over_student"] == pytest.approx(teacher / student)
+    full, lora = distill["full"], distill["lora"]
+    for figures in (full, lora):
+        assert figures["steps"] == 2 and figures["images_per_s"] > 0 and figures["peak_gib"] is None
+        assert figures["resident_total_gib"] == pytest.approx(sum(figures["resident_gib"].values()))
+    assert full["resident_gib"]["teacher"] == pytest.approx(full["resident_gib"]["student"])
+    assert full["resident_gib"]["target"] == pytest.approx(full["resident_gib"]["student"])
+    assert lora["resident_gib"]["teacher"] == 0
+    assert lora["resident_gib"]["target"] == pytest.approx(lora["resident_gib"]["student"])
+    assert 0 < lora["trainable_params"] < full["trainable_params"] == full["params"]
+    assert "largest_batch_projected" not in full
 
 
 # ---------------------------------------------------------------------- budgets, errors, reports

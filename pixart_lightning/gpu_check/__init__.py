@@ -1,7 +1,7 @@
 """One prepared GPU check (``make gpu-check``, docs/gpu.md): device, training step against diffusers, FSDP2,
-numerics, sampling, attention backends, the stage chain and LoRA against full fine-tuning, each within a time
-budget, reported as JSON and Markdown. ``python -m pixart_lightning.gpu_check --device cpu`` runs the same checks
-at tiny sizes."""
+numerics, sampling, attention backends, the stage chain, LoRA against full fine-tuning and stage 4's distillation,
+each within a time budget, reported as JSON and Markdown. ``python -m pixart_lightning.gpu_check --device cpu`` runs
+the same checks at tiny sizes."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from pixart_lightning.gpu_check.sizes import CPU, GPU
 def all_checks() -> list[Check]:
     """The checks in order of value, with their GPU budgets (480 s in all). Imported here: a missing package (the
     wheels not installed) is then one line of advice, not a traceback."""
+    from pixart_lightning.gpu_check.distill import STUDENT_STEPS, TEACHER_STEPS, check_distill
     from pixart_lightning.gpu_check.finetune import GOAL_BATCH_24GIB, check_finetune
     from pixart_lightning.gpu_check.fsdp import check_fsdp
     from pixart_lightning.gpu_check.sampling import check_sampling
@@ -37,11 +38,11 @@ def all_checks() -> list[Check]:
     return [
         Check("environment", "device memory and practical bf16 matmul peak", "", 10, check_environment),
         Check("train_256", "XL/2-256 bf16 training step, ours vs diffusers, like with like",
-              f">= {GOAL_MFU_256:.0%} MFU and >= {GOAL_SPEEDUP_256}x diffusers", 110, check_train_256),
+              f">= {GOAL_MFU_256:.0%} MFU and >= {GOAL_SPEEDUP_256}x diffusers", 85, check_train_256),
         Check("train_512", "XL/2-512 stage-3 step (multi-scale bucket, micro-conditions)", f">= {GOAL_MFU_512:.0%} MFU",
               50, check_train_512),
         Check("fsdp", "FSDP2 through the runner: resume, peak memory, largest batch at 512 px",
-              "identical loss after resume", 110, check_fsdp),
+              "identical loss after resume", 85, check_fsdp),
         Check("numerics", "bf16-mixed vs fp32 loss; non-finite steps", "no non-finite step", 25, check_numerics),
         Check("syncs", "host-device syncs per training step; EMA kernels per update", "0 syncs; a few kernels",
               20, check_step_syncs),
@@ -53,6 +54,8 @@ def all_checks() -> list[Check]:
               35, check_chain),
         Check("finetune", "XL/2-512 bf16 LoRA r16 vs full fine-tuning, act. ckpt: images/s, peak memory, largest batch",
               f"LoRA fits batch >= {GOAL_BATCH_24GIB} in 24 GiB", 60, check_finetune),
+        Check("distill", f"XL/2-512 stage 4: {STUDENT_STEPS}-step student vs {TEACHER_STEPS}-step teacher s/image; "
+              "distillation step and memory (student + teacher + target), full and LoRA", "", 50, check_distill),
     ]
 
 

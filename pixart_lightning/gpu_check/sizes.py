@@ -17,7 +17,8 @@ class Sizes:
     """Config folder of the training-step checks (2, 3, 5)."""
     batch_256: int
     resolution_256: int | None
-    caption_channels: int | None
+    caption_channels: int
+    """Width of the training checks' caption features: T5-XXL's 4096 on a GPU, the tiny T5's 32 on the CPU."""
     steps: int
     warmup: int
     resolution_512: int | None
@@ -51,6 +52,11 @@ class Sizes:
     finetune_batch: int
     """Batch of the LoRA-vs-full check, at ``resolution_512`` on ``config``."""
     finetune_steps: int
+    distill_resolution: int
+    """Side in pixels of check 11's sampling and stage-4 training, on ``sample_size`` and ``config``."""
+    distill_sample_batch: int
+    distill_batch: int
+    distill_steps: int
 
 
 GPU = Sizes(
@@ -64,11 +70,12 @@ GPU = Sizes(
     attention_captions=(64, 77, 120), attention_tokens=(256, 1024, 4096), attention_heads=16, attention_head_dim=72,
     chain_steps=(100, 200), chain_batch=None, chain_images=2000, chain_alignment_prompts=16,
     finetune_batch=8, finetune_steps=4,
+    distill_resolution=512, distill_sample_batch=8, distill_batch=16, distill_steps=5,
 )
 
 CPU = Sizes(
     budget_scale=4.0, compile=False, matmul=256,
-    config="configs/demo", batch_256=2, resolution_256=None, caption_channels=None, steps=2, warmup=1,
+    config="configs/demo", batch_256=2, resolution_256=None, caption_channels=32, steps=2, warmup=1,
     resolution_512=None, batch_512=2,
     fsdp_config="configs/demo", fsdp_model=None, fsdp_resolution=64, fsdp_batch=2, fsdp_images=8,
     search_size="PixArt-debug/2", search_resolution=64, search_start=1, search_limit=2,
@@ -77,4 +84,5 @@ CPU = Sizes(
     attention_captions=(8,), attention_tokens=(16,), attention_heads=2, attention_head_dim=8,
     chain_steps=(2, 2), chain_batch=4, chain_images=64, chain_alignment_prompts=0,
     finetune_batch=2, finetune_steps=2,
+    distill_resolution=32, distill_sample_batch=2, distill_batch=2, distill_steps=2,
 )
