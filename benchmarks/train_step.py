@@ -220,7 +220,8 @@ class Bench:
 
     def flops_per_image(self) -> float:
         return flops.train_flops_per_image(self.module.model.cfg, self.height, self.width,
-                                           self.module.encoders.vae.downsample_factor, caption_tokens=self.tokens)
+                                           self.module.encoders.vae.downsample_factor, caption_tokens=self.tokens,
+                                           routing=self.module.token_routing)
 
 
 def prepare(setup: Setup, variant: Variant, folder: Path) -> Bench:

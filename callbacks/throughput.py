@@ -50,7 +50,7 @@ class Throughput(L.Callback):
     - ``train/tokens_per_s_per_device``, ``train/tokens_per_s``: image tokens (latent patches);
     - ``train/tflops_per_device``: model FLOPs per second, from ``flops_per_image`` (a number, or a
       function of module and batch; default: :func:`pixart_lightning.training.flops.train_flops_per_image` of
-      the module's ``model.cfg`` at the batch's size, 3x forward);
+      the module's ``model.cfg`` at the batch's size, 3x forward, under the module's ``token_routing``);
     - ``train/mfu``: that over the device's peak (``peak_tflops``, else looked up in
       :data:`pixart_lightning.training.flops.PEAK_TFLOPS`); not logged when neither knows the device (CPU);
     - ``train/data_wait_fraction``: the share of the window between one batch's end and the next
@@ -99,7 +99,8 @@ class Throughput(L.Callback):
         h, w, caption = batch_geometry(pl_module, batch)
         cfg = pl_module.model.cfg
         if self.flops_per_image is None:
-            per_image = flops.train_flops_per_image(cfg, h, w, vae_factor=1, caption_tokens=caption)
+            routing = getattr(pl_module, "token_routing", None)
+            per_image = flops.train_flops_per_image(cfg, h, w, vae_factor=1, caption_tokens=caption, routing=routing)
         elif callable(self.flops_per_image):
             per_image = self.flops_per_image(pl_module, batch)
         else:

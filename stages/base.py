@@ -48,6 +48,7 @@ class DiffusionStage(L.LightningModule):
         self.cfg = cfg
         self.model = model
         self.model.attention_backend = cfg.model.attention_backend
+        self.token_routing = cfg.token_routing(model.cfg.depth)  # a setting of the run, like the attention backend
         self.ema = self.make_average(model)
         self.diffusion = create_diffusion(learn_sigma=model.cfg.learn_sigma, prediction=cfg.diffusion.prediction)
         self.encoders = FrozenEncoders(vae, text_encoder, prompt_features)
@@ -161,9 +162,24 @@ class DiffusionStage(L.LightningModule):
     def losses(self, x0: Tensor, kwargs: dict[str, Any]) -> dict[str, Tensor]:
         """Per-sample losses of a micro-batch of latents ``x0`` conditioned by ``kwargs`` (``loss`` and the parts
         logged as ``train/<name>``): the hybrid diffusion loss at this step's draws."""
-        draws = self._draws().diffusion(tuple(x0.shape), self.diffusion.num_timesteps, self.model.cfg.class_dropout_prob)
+        step_draws = self._draws()
+        draws = step_draws.diffusion(tuple(x0.shape), self.diffusion.num_timesteps, self.model.cfg.class_dropout_prob)
         kwargs["force_drop_ids"] = draws["drop"].long()
-        return self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"])
+        loss_mask = self._route(step_draws, x0, kwargs)
+        return self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"], loss_mask)
+
+    def _route(self, step_draws: StepDraws, x0: Tensor, kwargs: dict[str, Any]) -> Tensor | None:
+        """Under token routing or patch masking, this micro-batch's route into the model's ``kwargs`` (drawn for the
+        global batch, like the other draws); returns the loss mask of patch masking, else None."""
+        if self.token_routing is None:
+            return None
+        p = self.model.cfg.patch_size
+        grid_h, grid_w = x0.shape[2] // p, x0.shape[3] // p
+        route = self.token_routing.route(step_draws.token_scores(x0.shape[0], grid_h * grid_w))
+        if route is None:
+            return None
+        kwargs["route"] = route
+        return route.patch_mask(grid_h, grid_w, p) if self.token_routing.masked_loss else None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm (our own call, so the norm can be logged; 0 = no clipping); a step whose gradient is

@@ -96,6 +96,31 @@ class LoRASection:
 
 
 @dataclass(kw_only=True)
+class TokenRoutingSection:
+    """TREAD-style token routing while training (``models/routing.py``): a random share of each sample's image tokens
+    skips a span of middle blocks unchanged and rejoins the others before block ``end``; every token goes through the
+    other blocks and into the loss. Sampling never routes, so the weights are the plain model's."""
+
+    ratio: float = 0.5
+    """Share of each sample's image tokens that skips the span, in [0, 1); 0 routes none (the plain model)."""
+    start: int = 1
+    """First block of the span (0-based), at least 0: the blocks before it see every token."""
+    end: int | None = None
+    """The block before which the routed tokens rejoin (exclusive end), above ``start`` and at most the depth; None:
+    the last block (depth - 1), which then sees every token."""
+
+
+@dataclass(kw_only=True)
+class PatchMaskingSection:
+    """MDT/MicroDiT-style patch masking while training (``models/routing.py``): a random share of each sample's patch
+    tokens is dropped at the input for the whole network, and the loss counts only the kept patches. Sampling never
+    masks; finish unmasked with a later phase or stage that leaves ``model.patch_masking`` null."""
+
+    ratio: float = 0.5
+    """Share of each sample's patch tokens dropped, in [0, 1); 0 drops none (the plain model)."""
+
+
+@dataclass(kw_only=True)
 class ModelSection:
     size: ModelSize = "PixArt-XL/2"
     """A named size (``PixArt-XL/2``, ``PixArt-tiny/4``, …); the fields below override it when set."""
@@ -145,6 +170,12 @@ class ModelSection:
     lora: LoRASection | None = None
     """Train low-rank adapters on the frozen backbone instead of all its weights; None: full fine-tuning. The
     stage's checkpoints then hold only the adapters, and its ``final.safetensors`` the merged weights."""
+    token_routing: TokenRoutingSection | None = None
+    """Route a share of the image tokens past the middle blocks while training (TREAD; stages 1-3); None: off, as the
+    paper trains. A setting of this run, not saved with the weights."""
+    patch_masking: PatchMaskingSection | None = None
+    """Drop a share of the patch tokens for the whole network while training, loss on the kept ones (MDT/MicroDiT;
+    stages 1-3; not with ``token_routing``); None: off, as the paper trains. A setting of this run."""
 
 
 @dataclass(kw_only=True)

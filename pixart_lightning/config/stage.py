@@ -26,6 +26,7 @@ from pixart_lightning.config.schema import (
 )
 from pixart_lightning.encoders.vae import PIXEL_SPACE, SD_VAE_DOWNSAMPLE
 from pixart_lightning.models.config import PixArtConfig, official_interpolation_scale
+from pixart_lightning.models.routing import TokenRouting
 
 LR_REFERENCE_BATCH = 256
 """The global batch at which ``optim.scale_lr`` leaves ``optim.lr`` as it is (the official configs' ``auto_lr``)."""
@@ -151,3 +152,14 @@ class StageConfig:
         if self.vae.name == PIXEL_SPACE:
             fields["in_channels"] = 3
         return PixArtConfig.from_name(m.size, **overrides, **{**fields, **extra})
+
+    def token_routing(self, depth: int) -> TokenRouting | None:
+        """The route of ``model.token_routing`` (end None: depth - 1) or ``model.patch_masking`` (every block, the loss
+        on the kept patches) for a backbone of ``depth`` blocks; None when both are off."""
+        m = self.model
+        if m.patch_masking is not None:
+            return TokenRouting(m.patch_masking.ratio, 0, depth, masked_loss=True)
+        if m.token_routing is not None:
+            r = m.token_routing
+            return TokenRouting(r.ratio, r.start, depth - 1 if r.end is None else r.end)
+        return None

@@ -131,6 +131,28 @@ def _lora_problems(cfg: StageConfig) -> list[str]:
     return found
 
 
+def _routing_problems(cfg: StageConfig) -> list[str]:
+    """Token routing's and patch masking's ranges and span, and what they cannot be combined with."""
+    m = cfg.model
+    if m.token_routing is None and m.patch_masking is None:
+        return []
+    found = []
+    if m.token_routing is not None and m.patch_masking is not None:
+        found.append("model.token_routing and model.patch_masking exclude each other: set one of them to null")
+    if cfg.stage == DISTILL_STAGE:
+        found.append("model.token_routing and model.patch_masking are for stages 1-3: set them to null in stage 4")
+    for key, section in (("model.token_routing", m.token_routing), ("model.patch_masking", m.patch_masking)):
+        if section is not None and not 0 <= section.ratio < 1:
+            found.append(f"{key}.ratio={section.ratio}: must be in [0, 1) (0: every token goes through)")
+    r = m.token_routing
+    if r is not None and m.size in MODEL_SIZES:
+        depth = m.depth or PixArtConfig.from_name(m.size).depth
+        if not 0 <= r.start < (depth - 1 if r.end is None else r.end) <= depth:
+            found.append(f"model.token_routing.start={r.start}, end={r.end}: need 0 <= start < end <= depth={depth} "
+                         f"(end null: depth - 1), e.g. start={min(1, depth - 1)}, end={depth - 1 if depth > 2 else depth}")
+    return found
+
+
 def _distill_problems(cfg: StageConfig) -> list[str]:
     """Stage 4's distillation settings (the section is ignored by the other stages)."""
     if cfg.stage != DISTILL_STAGE:
@@ -159,7 +181,8 @@ def _distill_problems(cfg: StageConfig) -> list[str]:
 def validate(cfg: StageConfig) -> StageConfig:
     """Collect every problem, then raise once (so a user fixes them in one go)."""
     problems = [*_choice_problems(cfg), *cfg.fid.problems(), *_range_problems(cfg), *_batch_problems(cfg),
-                *_model_problems(cfg), *_combination_problems(cfg), *_lora_problems(cfg), *_distill_problems(cfg)]
+                *_model_problems(cfg), *_combination_problems(cfg), *_lora_problems(cfg), *_routing_problems(cfg),
+                *_distill_problems(cfg)]
     if problems:
         raise ConfigError(*problems)
     return cfg

@@ -182,12 +182,12 @@ class GaussianDiffusion:
             )
         return noise
 
-    def _vb_bits(self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
-        """Per-sample variational-bound term L_t in bits."""
+    def _vb_bits(self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Per-sample variational-bound term L_t in bits (averaged with ``weight`` over the pixels, when given)."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
         pred = self.p_mean_variance(model_output, xt, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, pred["mean"], pred["log_variance"]))
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, pred["mean"], 0.5 * pred["log_variance"]))
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, pred["mean"], pred["log_variance"]), weight)
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, pred["mean"], 0.5 * pred["log_variance"]), weight)
         return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
 
     def training_losses(
@@ -197,8 +197,10 @@ class GaussianDiffusion:
         t: Tensor,
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Per-sample losses: MSE on ε (or v), plus the VLB (bits) on the variance channels if learned."""
+        """Per-sample losses: MSE on ε (or v), plus the VLB (bits) on the variance channels if learned; with
+        ``loss_mask`` (B, 1, H, W), averaged over the pixels it marks (patch masking) instead of all."""
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
@@ -206,13 +208,13 @@ class GaussianDiffusion:
 
         channels = x0.shape[1]
         mean_hat = output[:, :channels]
-        mse = mean_flat((self.target(x0, noise, t) - mean_hat) ** 2)
+        mse = mean_flat((self.target(x0, noise, t) - mean_hat) ** 2, loss_mask)
         if not self.learn_sigma:
             return {"mse": mse, "loss": mse}
 
         # Detaching the mean prediction means the VLB only shapes the variance channels.
         frozen_output = torch.cat([mean_hat.detach(), output[:, channels:]], dim=1)
-        vb = self._vb_bits(frozen_output, x0, xt, t)
+        vb = self._vb_bits(frozen_output, x0, xt, t, loss_mask)
         return {"mse": mse, "vb": vb, "loss": mse + vb}
 
     def p_sample(

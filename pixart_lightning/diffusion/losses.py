@@ -12,9 +12,13 @@ _HALF_BIN = 1.0 / 255.0
 _LOG_FLOOR = 1e-12
 
 
-def mean_flat(t: Tensor) -> Tensor:
-    """Mean over every dimension except the batch dimension."""
-    return t.reshape(t.shape[0], -1).mean(dim=1)
+def mean_flat(t: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean over every dimension except the batch dimension; with ``weight`` (broadcastable to ``t``, e.g. a
+    (B, 1, H, W) mask of the pixels that count), the weighted mean."""
+    if weight is None:
+        return t.reshape(t.shape[0], -1).mean(dim=1)
+    weight = weight.expand_as(t).reshape(t.shape[0], -1)
+    return (t.reshape(t.shape[0], -1) * weight).sum(dim=1) / weight.sum(dim=1)
 
 
 def normal_kl(

@@ -29,6 +29,7 @@ from pixart_lightning.models.layers import (
     SizeEmbedder,
     TimestepEmbedder,
 )
+from pixart_lightning.models.routing import TokenRoute
 
 #################################################################################
 #                                 Core blocks                                   #
@@ -192,13 +193,15 @@ class PixArt(nn.Module):
         resolution: Tensor | None = None,
         aspect_ratio: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
+        route: TokenRoute | None = None,
     ) -> Tensor:
         """Predict ε (and variance values) for a noisy latent.
 
         x: (B, C, H, W) latent; t: (B,) timesteps; y: (B,) class labels (class mode; None leaves
         the label out) or (B, L, caption_channels) caption features (text mode); mask: (B, L) 1 for
         real caption tokens; resolution (B, 2) as (h, w) and aspect_ratio (B, 1) when
-        ``micro_conditions`` is on; force_drop_ids: (B,) 1 = use the null condition.
+        ``micro_conditions`` is on; force_drop_ids: (B,) 1 = use the null condition; route: in training
+        mode only, the tokens that skip a span of blocks (:mod:`pixart_lightning.models.routing`).
         """
         cfg = self.cfg
         B, _, H, W = x.shape
@@ -219,13 +222,23 @@ class PixArt(nn.Module):
             if y is not None:
                 c = c + self.y_embedder(y, force_drop_ids)
             block_cond = c
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, block_cond, y, mask, self.attention_backend, use_reentrant=False)
-            else:
-                x = block(x, block_cond, y, mask, self.attention_backend)
+        x = self.run_blocks(x, block_cond, y, mask, route if self.training else None)  # inference never routes
         x = self.final_layer(x, c)  # (B, T, p*p*C_out)
         return unpatchify(x, grid_h, grid_w, cfg.patch_size, cfg.out_channels)
+
+    def run_blocks(self, x: Tensor, cond: Tensor, y: Tensor | None, mask: Tensor | None, route: TokenRoute | None) -> Tensor:
+        """The transformer blocks over (B, T, D) tokens; the tokens a ``route`` leaves out skip its span unchanged."""
+        outside = None  # all T tokens as they entered the routed span
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.start:
+                outside, x = x, route.gather(x)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cond, y, mask, self.attention_backend, use_reentrant=False)
+            else:
+                x = block(x, cond, y, mask, self.attention_backend)
+            if outside is not None and i == route.end - 1:
+                x, outside = route.scatter(outside, x), None
+        return x
 
 
 CAPTION_LENGTH_MULTIPLE = 16

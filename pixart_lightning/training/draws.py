@@ -1,4 +1,5 @@
-"""The random draws of a training step (timesteps, noise, caption drops), as a function of (seed, step) only."""
+"""The random draws of a training step (timesteps, noise, caption drops, routed tokens), as a function of (seed, step)
+only."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class StepDraws:
     They are a function of (seed, step) only, drawn for all micro-batches of all ranks and sliced (micro-batch
     m of rank r takes slot m x world + r), so a resumed run draws what an uninterrupted one would have (no RNG
     state to save), and the same global batch trains alike on any split into processes and accumulation
-    steps. The posterior draw is a separate sequence that leaves the main one unchanged.
+    steps. The posterior draw and the token scores are separate sequences that leave the main one unchanged.
     """
 
     def __init__(self, seed: int, step: int, slot: Slot, device: torch.device):
@@ -55,3 +56,8 @@ class StepDraws:
         B = shape[0]
         noise = torch.randn((B * self.slots, *shape[1:]), device=self.device, generator=self._generator(1))
         return noise[self._mine(B)]
+
+    def token_scores(self, batch: int, tokens: int) -> Tensor:
+        """Uniform (batch, tokens) scores that choose each sample's routed tokens (stream 2)."""
+        scores = torch.rand((batch * self.slots, tokens), device=self.device, generator=self._generator(2))
+        return scores[self._mine(batch)]

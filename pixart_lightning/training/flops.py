@@ -13,13 +13,19 @@ import torch
 
 from pixart_lightning.encoders.vae import SD_VAE_DOWNSAMPLE
 from pixart_lightning.models.config import CAPTION_TOKENS, PixArtConfig
+from pixart_lightning.models.routing import TokenRouting
 
 FREQ_DIM = 256
 """Width of the sinusoidal timestep / size features fed to the embedding MLPs."""
 
 
 def forward_flops(
-    cfg: PixArtConfig, height_px: int, width_px: int, vae_factor: int = SD_VAE_DOWNSAMPLE, caption_tokens: int = CAPTION_TOKENS
+    cfg: PixArtConfig,
+    height_px: int,
+    width_px: int,
+    vae_factor: int = SD_VAE_DOWNSAMPLE,
+    caption_tokens: int = CAPTION_TOKENS,
+    routing: TokenRouting | None = None,
 ) -> float:
     """Matrix-multiply FLOPs (2 per multiply-accumulate) of one forward pass for one image.
 
@@ -37,38 +43,51 @@ def forward_flops(
       micro-condition MLPs when enabled. These are < 0.1% at 256 px; they are counted for
       completeness.
 
+    Under token ``routing`` (or patch masking) the blocks of its span see only the kept tokens: their
+    per-token and attention terms count those, the other blocks' all T.
+
     Not counted: biases, normalisation, softmax, activations, modulation arithmetic (all
     elementwise), the label lookup, and the frozen VAE and text encoder. ``caption_tokens`` is the
     length the cross-attention sees (the batch's padded caption length); 0 in class mode.
     """
     D, p, N = cfg.hidden_size, cfg.patch_size, cfg.depth
     tokens = (height_px // vae_factor // p) * (width_px // vae_factor // p)
+    text = cfg.mode == "text"
     mlp = int(D * cfg.mlp_ratio)
-    per_token = p * p * cfg.in_channels * D + N * (4 * D * D + 2 * D * mlp) + D * p * p * cfg.out_channels
-    attention = N * 2 * tokens * tokens * D
+    block_per_token = 4 * D * D + 2 * D * mlp + (2 * D * D if text else 0)
+
+    def block(n: int) -> int:  # one block over n image tokens: projections and MLP, then attention
+        return n * block_per_token + 2 * n * n * D + (2 * n * caption_tokens * D if text else 0)
+
+    kept, routed = (routing.kept_count(tokens), routing.end - routing.start) if routing else (tokens, 0)
+    blocks = (N - routed) * block(tokens) + routed * block(kept)
+    embedding = tokens * (p * p * cfg.in_channels * D + D * p * p * cfg.out_channels)
     per_image = FREQ_DIM * D + D * D
     caption = 0
-    if cfg.mode == "text":
-        per_token += N * 2 * D * D
-        attention += N * 2 * tokens * caption_tokens * D
+    if text:
         caption = caption_tokens * (cfg.caption_channels * D + D * D + N * 2 * D * D)
         per_image += 6 * D * D
         if cfg.micro_conditions:  # three scalars (h, w, aspect ratio), each through a D/3-wide MLP
             per_image += 3 * (FREQ_DIM * (D // 3) + (D // 3) ** 2)
     else:
         per_image += N * 6 * D * D + 2 * D * D
-    return 2.0 * (tokens * per_token + attention + caption + per_image)
+    return 2.0 * (embedding + blocks + caption + per_image)
 
 
 def train_flops_per_image(
-    cfg: PixArtConfig, height_px: int, width_px: int, vae_factor: int = SD_VAE_DOWNSAMPLE, caption_tokens: int = CAPTION_TOKENS
+    cfg: PixArtConfig,
+    height_px: int,
+    width_px: int,
+    vae_factor: int = SD_VAE_DOWNSAMPLE,
+    caption_tokens: int = CAPTION_TOKENS,
+    routing: TokenRouting | None = None,
 ) -> float:
     """Model FLOPs of one training step per image: forward + backward = 3 x forward.
 
     The backward pass costs two forwards (gradients for activations and for weights); the
     recomputed forward of gradient checkpointing is hardware work, not model work, and is left out.
     """
-    return 3.0 * forward_flops(cfg, height_px, width_px, vae_factor, caption_tokens)
+    return 3.0 * forward_flops(cfg, height_px, width_px, vae_factor, caption_tokens, routing)
 
 
 PEAK_TFLOPS: dict[str, float] = {
