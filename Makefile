@@ -41,7 +41,7 @@ slurm-install:
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# The three stages of the embedded default, offline, in minutes on 2 CPU cores.
+# The four stages of the embedded default, offline, in minutes on 2 CPU cores.
 demo: venv
 	$(VENV)/bin/pixart-lightning run configs/demo $(RUN_ARGS)
 

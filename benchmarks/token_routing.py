@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.backbone_step import _now  # noqa: E402  (the device-synchronised clock)
 from pixart_lightning.config import load_stage  # noqa: E402
 from pixart_lightning.encoders.vae import PixelSpace  # noqa: E402
 from stages import STAGE_MODULES  # noqa: E402
@@ -49,12 +49,6 @@ def make_step(module, batch: dict, device: torch.device):
         return _now(device) - start
 
     return step
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def main() -> None:
