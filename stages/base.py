@@ -50,7 +50,10 @@ class DiffusionStage(L.LightningModule):
         self.model.attention_backend = cfg.model.attention_backend
         self.token_routing = cfg.token_routing(model.cfg.depth)  # a setting of the run, like the attention backend
         self.ema = self.make_average(model)
-        self.diffusion = create_diffusion(learn_sigma=model.cfg.learn_sigma, prediction=cfg.diffusion.prediction)
+        self.diffusion = create_diffusion(
+            learn_sigma=model.cfg.learn_sigma, prediction=cfg.diffusion.prediction,
+            min_snr_gamma=cfg.diffusion.min_snr_gamma,
+        )
         self.encoders = FrozenEncoders(vae, text_encoder, prompt_features)
         self.account = SampleAccount(cfg.data.max_bad_fraction)
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
@@ -163,7 +166,9 @@ class DiffusionStage(L.LightningModule):
         """Per-sample losses of a micro-batch of latents ``x0`` conditioned by ``kwargs`` (``loss`` and the parts
         logged as ``train/<name>``): the hybrid diffusion loss at this step's draws."""
         step_draws = self._draws()
-        draws = step_draws.diffusion(tuple(x0.shape), self.diffusion.num_timesteps, self.model.cfg.class_dropout_prob)
+        spread = self.cfg.diffusion.logit_normal
+        draws = step_draws.diffusion(tuple(x0.shape), self.diffusion.num_timesteps, self.model.cfg.class_dropout_prob,
+                                     None if spread is None else (spread.mean, spread.std))
         kwargs["force_drop_ids"] = draws["drop"].long()
         loss_mask = self._route(step_draws, x0, kwargs)
         return self.diffusion.training_losses(self.model, x0, draws["t"], kwargs, draws["noise"], loss_mask)

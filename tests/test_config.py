@@ -133,7 +133,7 @@ def test_every_fixed_choice_is_a_literal_whose_values_the_errors_name() -> None:
     fields = {key: choices for key, _, choices in literal_fields(StageConfig())}
     assert {"stage", "model.size", "model.attention_backend", "diffusion.prediction", "text_encoder.dtype",
             "train.precision", "train.strategy", "train.sharding", "samples.sampler", "fid.extractor",
-            "fid.sampler"} == set(fields)
+            "fid.sampler", "optim.lr_schedule"} == set(fields)
     assert (fields["train.precision"], fields["samples.sampler"]) == (PRECISIONS, SAMPLERS)
     for key, choices in fields.items():
         if key != "stage":  # set by the config folder's file names

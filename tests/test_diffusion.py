@@ -458,3 +458,23 @@ def test_v_hybrid_loss_matches_epsilon_for_equivalent_predictions() -> None:
     torch.testing.assert_close(out_v["mse"], ((v_d.target(x0, noise, t) - v_hat) ** 2).mean((1, 2, 3)))
     with pytest.raises(ValueError, match="valid choices"):
         create_diffusion(prediction="x0")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_min_snr_weights_the_mse_as_an_x0_loss_capped_at_gamma(prediction: str) -> None:
+    """Min-SNR-γ: the weighted MSE equals min(SNR, γ) x the x0 error the prediction implies; unweighted by default,
+    and the VLB is left as it is."""
+    plain, weighted = create_diffusion(prediction=prediction), create_diffusion(prediction=prediction, min_snr_gamma=5)
+    g = torch.Generator().manual_seed(10)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([10, 300, 950])  # SNR far above, near and far below γ
+    output = torch.randn(3, 4, 4, 4, generator=g)
+    out_plain = plain.training_losses(lambda x, s: output, x0, t, noise=noise)
+    out_weighted = weighted.training_losses(lambda x, s: output, x0, t, noise=noise)
+    ac = torch.from_numpy(reference_schedule()["ac"]).float()[t]
+    snr = ac / (1 - ac)
+    x0_error = ((plain.predict_x0(output[:, :2], plain.q_sample(x0, t, noise), t) - x0) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(out_weighted["mse"], torch.minimum(snr, torch.tensor(5.0)) * x0_error, rtol=1e-4, atol=0)
+    torch.testing.assert_close(out_weighted["vb"], out_plain["vb"])
+    assert snr[0] > 5 > snr[2] and not torch.equal(out_weighted["mse"], out_plain["mse"])
+    assert torch.equal(out_plain["mse"], ((plain.target(x0, noise, t) - output[:, :2]) ** 2).mean((1, 2, 3)))

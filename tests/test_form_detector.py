@@ -58,6 +58,15 @@ def test_plain_background_has_no_form():
     assert form.read_form(np.full((24, 24, 3), world.COLORS["blue"], dtype=np.uint8)) is None
 
 
+def test_specks_whose_median_is_the_background_have_no_form():
+    """Far pixels of opposite colours can have the background as their median colour: no shape colour to measure
+    coverage against, so no form (this crashed an alignment eval of an early, speckled model)."""
+    image = np.full((24, 24, 3), world.COLORS["blue"], dtype=np.uint8)
+    for x, colour in enumerate([(255, 0, 255), (255, 0, 255), (0, 255, 255), (0, 255, 255), (0, 0, 0)]):
+        image[5, 4 * x] = colour
+    assert form.read_form(image) is None
+
+
 @dataclasses.dataclass
 class _Model:
     mode: str = "text"

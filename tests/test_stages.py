@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+from callbacks.alignment import time_to_quality
 from pixart_lightning.config import load_stage
 from pixart_lightning.encoders.loading import load_text_encoder, load_vae
 from pixart_lightning.interop import load_weights
@@ -30,7 +31,8 @@ def small(out: Path, *extra: str) -> list[str]:
         "data.synth.count=240", "data.synth.samples_per_shard=60", "optim.warmup_steps=5",
         "train.checkpoint_every=3", "train.progress_bar=false", "train.log_every=1", "samples.steps=2",
         "samples.cfg_scales=[1.0]", "eval.alignment_prompts=4",
-        "stage1.train.max_steps=150", "stage1.optim.lr=3e-3", "stage1.data.batch_size=32", "stage2.train.max_steps=4", "stage3.train.max_steps=4",
+        "stage1.train.max_steps=150", "stage1.optim.lr=3e-3", "stage1.data.batch_size=32", "stage2.train.max_steps=4",
+        "stage3.train.max_steps=4",
         "stage3.data.resolution=24", "stage3.data.batch_size=4",
         # stage 2's scale x 24/16, as the demo's 32/512 is 24/512 x 32/24: a 16-px input sees stage 2's coordinates
         "stage3.model.interpolation_scale=0.0703125", "fid.num_images=8", "fid.batch_size=8",
@@ -57,7 +59,7 @@ class Recorder(L.Callback):
 @pytest.fixture(scope="module")
 def three_stages(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    run(DEMO, None, small(out))
+    run(DEMO, None, small(out, "stage2.eval.every_n_steps=2"))
     return out
 
 
@@ -110,6 +112,24 @@ def test_tensorboard_has_losses_rates_and_samples(three_stages: Path) -> None:
         assert any(e.step in stage2 for e in events.Scalars(tag)), tag
     assert events.Tags()["images"] == ["samples"] and any(e.step in stage2 for e in events.Images("samples"))
     assert [e.step for e in events.Scalars("train/loss") if e.step in stage2] == [151, 152, 153, 154]
+
+
+def test_alignment_curve_is_scored_while_training(three_stages: Path) -> None:
+    """eval.every_n_steps: alignment at step 2 and at the end against training seconds, in the stage folder and
+    TensorBoard; its last point is the stage's own final score."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curve = json.loads((three_stages / "stage2" / "alignment-curve.json").read_text())
+    assert [r["step"] for r in curve] == [2, 4]
+    assert 0 < curve[0]["train_seconds"] < curve[1]["train_seconds"]
+    final = json.loads((three_stages / "stage2" / "alignment.json").read_text())
+    assert {k: v for k, v in curve[1].items() if k.endswith("accuracy")} == {
+        k: v for k, v in final.items() if k.endswith("accuracy")}
+    assert not (three_stages / "stage3" / "alignment-curve.json").exists()  # off by default
+    assert re.fullmatch(r"all right 0.00 at step 2 \(\d+ s\), 1.01 not in 4 steps", time_to_quality(curve, (0, 1.01)))
+    events = EventAccumulator(str(three_stages / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("curve/all_accuracy")] == [152, 154]
 
 
 def test_stage2_handoff_keeps_stage1(three_stages: Path) -> None:

@@ -7,12 +7,14 @@ shares) and ``stage1.yaml`` … ``stage3.yaml`` (what each stage changes). A sta
 combinations raise :class:`ConfigError` naming the key, where its value was set (command line, file:line
 or default) and the valid choices.
 
-- :mod:`.schema`: the sections, every field documented, fixed choices as Literals; :class:`ConfigError`.
+- :mod:`.schema`: the sections, every field documented, fixed choices as Literals; :class:`ConfigError`
+  (:mod:`.fid` and :mod:`.distill`: the FID and stage-4 sections).
 - :mod:`.stage`: ``StageConfig`` and what follows from it (batch plan, learning rate, backbone config).
 - :mod:`.validation`: :func:`validate`, every check at once.
 - :mod:`.loading`: merging files and overrides, where values were set, saving and reading back a unit's config.
 """
 
+from pixart_lightning.config.distill import DistillSection
 from pixart_lightning.config.fid import EXTRACTORS, INCEPTION_SIZE, FIDSection
 from pixart_lightning.config.loading import (
     ValueOrigins,
@@ -32,7 +34,6 @@ from pixart_lightning.config.schema import (
     ConfigError,
     DataSection,
     DiffusionSection,
-    DistillSection,
     EvalSection,
     ModelSection,
     OptimSection,

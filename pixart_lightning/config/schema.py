@@ -27,6 +27,7 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 Sharding = Literal["full", "grad_op", "hybrid"]
 LoRATargets = Literal["attention", "attention+mlp", "all"]
 LoRABaseDtype = Literal["fp32", "bf16"]
+LRSchedule = Literal["constant", "cosine"]
 # Built from the tuples of the packages that own these choices:
 TextDtype = Literal[tuple(DTYPES)]  # pixart_lightning.encoders.loading
 ModelSize = Literal[tuple(MODEL_SIZES)]  # pixart_lightning.models.config
@@ -179,9 +180,26 @@ class ModelSection:
 
 
 @dataclass(kw_only=True)
+class LogitNormalSection:
+    """Training timesteps drawn as t = sigmoid(z)·T with z ~ N(mean, std) (SD3's logit-normal) instead of uniformly:
+    more of them where the image is decided, fewer at the nearly clean and the nearly pure-noise ends."""
+
+    mean: float = 0.0
+    """Above 0 leans towards high noise (layout and form), below 0 towards fine detail."""
+    std: float = 1.0
+    """Spread, positive: the larger, the closer to uniform in the middle and the more weight at both ends."""
+
+
+@dataclass(kw_only=True)
 class DiffusionSection:
     prediction: Prediction = "epsilon"
     """What the mean channels predict: ``epsilon`` (the paper) or ``v``."""
+    logit_normal: LogitNormalSection | None = None
+    """Draw training timesteps logit-normally (``{mean: 0.5, std: 1.0}``); None: uniformly (the paper's)."""
+    min_snr_gamma: float | None = None
+    """Weigh the MSE by Min-SNR-γ (positive; 5 is its paper's): the loss of an x0 prediction at min(SNR, γ), so
+    high-noise timesteps, where layout and form are decided, weigh more against nearly clean ones; null: unweighted
+    (the paper's)."""
 
 
 @dataclass(kw_only=True)
@@ -278,7 +296,9 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW's two moment decay rates."""
     warmup_steps: int = 1000
-    """Optimizer steps of linear warm-up to ``lr``, then constant (0 or 1: none)."""
+    """Optimizer steps of linear warm-up to ``lr`` (0 or 1: none), then ``lr_schedule``."""
+    lr_schedule: LRSchedule = "constant"
+    """After the warm-up: ``constant`` (the paper's), or ``cosine``, down to 0 at the last step of the stage."""
     grad_clip: float = 0.01
     """Max gradient norm; 0 turns clipping off."""
     ema_rate: float = 0.9999
@@ -361,29 +381,10 @@ class SamplesSection:
 class EvalSection:
     alignment_prompts: int = 0
     """Shapes-world prompts (wording never seen in training) scored at the end of the stage; 0: off."""
+    every_n_steps: int = 0
+    """Also score them every N steps while the stage trains (``alignment-curve.json``: accuracy against training
+    seconds, evaluation time left out; TensorBoard), for time to quality; 0: only at the end."""
     seed: int = 0
     """Draws the alignment prompts and their starting noise."""
     cfg_scale: float = 4.5
     """Classifier-free guidance scale of the alignment samples."""
-
-
-@dataclass(kw_only=True)
-class DistillSection:
-    """Stage 4: latent consistency distillation of the stage-3 EMA model (the frozen teacher) into a few-step
-    student, initialised from the teacher (``stages/stage4.py``)."""
-
-    cfg_scale: float = 4.5
-    """The fixed classifier-free guidance scale folded into the teacher's ODE step, at least 1: the student samples
-    without guidance and reproduces the teacher at this scale (one scale per student, as PixArt-LCM). Our samplers'
-    convention, uncond + s·(cond − uncond); LCM's papers write cond + w·(cond − uncond), so their w is s − 1
-    (PixArt-LCM's w = 4.5 is s = 5.5)."""
-    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    """The step counts the student is evaluated and served at, each in [1, 50] (the skipping schedule's length);
-    ``sample --steps`` refuses others. Training is the same for any of them (one consistency function)."""
-    target_ema: float = 0.95
-    """Rate of the EMA target network that gives the consistency target, in [0, 1); constant (no warm-up), and
-    ``optim.ema_rate`` is not used. The target is saved as ``final-ema.safetensors``; 0: the target is the student
-    itself (no gradient) and no EMA is kept."""
-    huber_c: float = 0.001
-    """Pseudo-Huber constant c, at least 0: the loss is the mean over latent elements of sqrt(d² + c²) − c
-    (PixArt-LCM's, unscaled by the latent size); 0: the mean squared error."""

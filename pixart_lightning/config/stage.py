@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pixart_lightning.config.distill import DistillSection
 from pixart_lightning.config.fid import FIDSection
 from pixart_lightning.config.schema import (
     MULTI_SCALE_STAGES,
     ConfigError,
     DataSection,
     DiffusionSection,
-    DistillSection,
     EvalSection,
     ModelSection,
     OptimSection,

@@ -50,8 +50,18 @@ def _range_problems(cfg: StageConfig) -> list[str]:
                        ("data.resolution", cfg.data.resolution), ("train.checkpoint_every", cfg.train.checkpoint_every)]:
         if value <= 0:
             found.append(f"{key}={value}: must be positive")
+    for key, value in [("samples.every_n_steps", cfg.samples.every_n_steps),
+                       ("eval.every_n_steps", cfg.eval.every_n_steps)]:
+        if value < 0:
+            found.append(f"{key}={value}: must be 0 (off) or positive")
     if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
         found.append(f"optim.lr={cfg.optim.lr}: must be a positive number")
+    spread = cfg.diffusion.logit_normal
+    if spread is not None and not (spread.std > 0 and math.isfinite(spread.std) and math.isfinite(spread.mean)):
+        found.append(f"diffusion.logit_normal: mean={spread.mean}, std={spread.std}: std must be positive, both finite")
+    gamma = cfg.diffusion.min_snr_gamma
+    if gamma is not None and not (gamma > 0 and math.isfinite(gamma)):
+        found.append(f"diffusion.min_snr_gamma={gamma}: must be a positive number (or null: unweighted)")
     if not 0 <= cfg.optim.ema_rate < 1:
         found.append(f"optim.ema_rate={cfg.optim.ema_rate}: must be in [0, 1)")
     if cfg.model.interpolation_scale is not None and cfg.model.interpolation_scale <= 0:
@@ -107,6 +117,8 @@ def _combination_problems(cfg: StageConfig) -> list[str]:
         if sampler in UNGUIDED and any(scale != 1 for scale in scales):
             found.append(f"{key}.sampler={sampler} samples a model with the guidance inside it: set {key}.cfg_scale"
                          f"{'s=[1.0]' if key == 'samples' else '=1.0'}")
+    if cfg.eval.every_n_steps and not cfg.eval.alignment_prompts:
+        found.append(f"eval.every_n_steps={cfg.eval.every_n_steps} scores eval.alignment_prompts, which is 0")
     for i, phase in enumerate(cfg.phases):
         if "name" not in phase:
             found.append(f"phases[{i}] needs a name (it names the sub-run folder)")

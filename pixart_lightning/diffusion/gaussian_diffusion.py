@@ -29,6 +29,7 @@ PREDICTIONS = ("epsilon", "v")
 SCHEDULE_TABLES = (
     "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "log_betas",
+    "mse_weights",
 )
 
 
@@ -59,6 +60,7 @@ class GaussianDiffusion:
         use_timesteps: Sequence[int] | None = None,
         learn_sigma: bool = True,
         prediction: Prediction = "epsilon",
+        min_snr_gamma: float | None = None,
     ) -> None:
         check_prediction(prediction)
         betas = np.asarray(betas, dtype=np.float64)
@@ -92,6 +94,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
         self.log_betas = np.log(betas)
+        self.mse_weights = self._mse_weights(alphas_cumprod, prediction, min_snr_gamma)
         self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
 
     @staticmethod
@@ -102,6 +105,16 @@ class GaussianDiffusion:
             raise ValueError("use_timesteps must be a sorted, non-empty subset of the base timesteps")
         kept = np.cumprod(1.0 - betas)[use_timesteps]
         return 1.0 - kept / np.append(1.0, kept[:-1])
+
+    @staticmethod
+    def _mse_weights(alphas_cumprod: np.ndarray, prediction: Prediction, gamma: float | None) -> np.ndarray:
+        """The weight of each timestep's MSE: 1, or Min-SNR-γ (Hang et al. 2023), which weighs the loss as an x0 loss
+        at min(SNR, γ), so the many nearly clean timesteps stop dominating the gradient: min(SNR, γ) / SNR on ε and
+        min(SNR, γ) / (SNR + 1) on v (whose MSE is (SNR + 1) times the x0 one)."""
+        if gamma is None:
+            return np.ones_like(alphas_cumprod)
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        return np.minimum(snr, gamma) / (snr + 1.0 if prediction == "v" else snr)
 
     def _tables_on(self, device: torch.device) -> dict[str, Tensor]:
         """The schedule as float64 tensors on ``device`` (and the timestep map), copied there on first use.
@@ -209,6 +222,7 @@ class GaussianDiffusion:
         channels = x0.shape[1]
         mean_hat = output[:, :channels]
         mse = mean_flat((self.target(x0, noise, t) - mean_hat) ** 2, loss_mask)
+        mse = mse * self._gather("mse_weights", t, mse)
         if not self.learn_sigma:
             return {"mse": mse, "loss": mse}
 
@@ -255,12 +269,15 @@ def create_diffusion(
     num_timesteps: int = NUM_TIMESTEPS,
     learn_sigma: bool = True,
     prediction: Prediction = "epsilon",
+    min_snr_gamma: float | None = None,
 ) -> GaussianDiffusion:
-    """Build the PixArt-α diffusion, optionally respaced to fewer evenly spaced steps."""
+    """Build the PixArt-α diffusion, optionally respaced to fewer evenly spaced steps, its MSE optionally
+    Min-SNR-γ weighted."""
     if timestep_respacing is None or timestep_respacing == "":
         use_timesteps = None
     else:
         use_timesteps = space_timesteps(num_timesteps, int(timestep_respacing))
     return GaussianDiffusion(
-        linear_betas(num_timesteps), use_timesteps=use_timesteps, learn_sigma=learn_sigma, prediction=prediction
+        linear_betas(num_timesteps), use_timesteps=use_timesteps, learn_sigma=learn_sigma, prediction=prediction,
+        min_snr_gamma=min_snr_gamma,
     )

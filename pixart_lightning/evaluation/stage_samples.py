@@ -1,4 +1,5 @@
-"""Generation while a stage trains: the prompts it encodes up front and its sample images, under its settings."""
+"""Generation while a stage trains: the prompts it encodes up front, its sample images and its alignment score, under
+its settings."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import Tensor
 from pixart_lightning.config import StageConfig
 from pixart_lightning.diffusion.sampling import DEFAULT_CFG_SCALE
 from pixart_lightning.encoders.frozen import FrozenEncoders
+from pixart_lightning.evaluation.alignment import alignment
 from pixart_lightning.evaluation.generate import generate
 from pixart_lightning.models import PixArt
 from pixart_lightning.shapes import world
@@ -38,3 +40,19 @@ def sample_images(
     )
     model.train(was_training)
     return images
+
+
+@torch.no_grad()
+def score_alignment(model: PixArt, encoders: FrozenEncoders, cfg: StageConfig, precision: str) -> dict:
+    """:func:`~pixart_lightning.evaluation.alignment.alignment` of a training stage's ``model`` on its
+    ``eval.alignment_prompts`` held-out prompts, at its resolution, sampler and prediction; the model is left in the
+    mode (train or eval) it was in."""
+    was_training = model.training
+    result = alignment(
+        model, encoders.vae, encoders.prompt_encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed,
+        height=cfg.data.resolution, width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
+        cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction, precision=precision,
+        decode_batch=cfg.samples.decode_batch,
+    )
+    model.train(was_training)
+    return result

@@ -10,11 +10,13 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from callbacks.alignment import CURVE, time_to_quality
 from callbacks.fid import RECORDS as FID_RECORDS
 from pixart_lightning.config import DISTILL_STAGE, BatchPlan
 from pixart_lightning.encoders.frozen import FrozenEncoders
-from pixart_lightning.evaluation.alignment import alignment, attribute_line
+from pixart_lightning.evaluation.alignment import attribute_line
 from pixart_lightning.evaluation.few_step import comparison_lines, fid_note
+from pixart_lightning.evaluation.stage_samples import score_alignment
 from pixart_lightning.files import sha256, write_json_atomic
 from pixart_lightning.interop import save_weights
 from pixart_lightning.models import PixArt
@@ -91,13 +93,7 @@ def finish(
 
 def _score_alignment(unit: Unit, trainer: L.Trainer, model: PixArt, encoders: FrozenEncoders) -> dict[str, float]:
     """The embedded world's caption alignment of the final model, to ``alignment.json`` and TensorBoard."""
-    cfg = unit.cfg
-    result = alignment(
-        model, encoders.vae, encoders.prompt_encoder, num=cfg.eval.alignment_prompts, seed=cfg.eval.seed,
-        height=cfg.data.resolution, width=cfg.data.resolution, sampler=cfg.samples.sampler, steps=cfg.samples.steps,
-        cfg_scale=cfg.eval.cfg_scale, prediction=cfg.diffusion.prediction, precision=trainer.precision,
-        decode_batch=cfg.samples.decode_batch,
-    )
+    result = score_alignment(model, encoders, unit.cfg, trainer.precision)
     write_json(unit.dir / ALIGNMENT, result)
     for logger in trainer.loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in result.items() if k.endswith("accuracy")}, trainer.global_step)
@@ -123,6 +119,8 @@ def print_summary(units: list[Unit]) -> None:
               + f"samples: {unit.dir / SAMPLES / 'final.png'}")
         if score is not None:
             print(f"  {'':16s} {attribute_line(m['alignment'])}")
+        if (unit.dir / CURVE).is_file():
+            print(f"  {'':16s} {time_to_quality(json.loads((unit.dir / CURVE).read_text()))}")
         few_step, note = m.get("few_step", []), fid_note(m.get("few_step", []), unit.dir)
         for line in comparison_lines(few_step) + ([note] if note else []):
             print(f"  {'':16s} {line}")

@@ -11,6 +11,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from callbacks.alignment import AlignmentCurve
 from callbacks.checkpoints import Checkpoints
 from callbacks.fid import FIDCallback
 from callbacks.preemption import Preemption
@@ -40,7 +41,8 @@ def make_trainer(
     evaluation: bool = True, devices: list[int] | None = None, log: UnitLog | None = None,
 ) -> L.Trainer:
     """The stage's Trainer: strategy, precision and the per-step callbacks (checkpoints, preemption,
-    throughput), plus samples and FID when ``evaluation`` (off in benchmarks, which time the step alone).
+    throughput), plus samples, FID and the alignment curve when ``evaluation`` (off in benchmarks, which time the
+    step alone).
     ``devices`` picks device indices (a benchmark on one chosen GPU); default: ``train.devices`` of them.
     ``log``: the progress bar's label and the TensorBoard folder and step offset (the runner's: the chain's
     folder, after the units before this one); default: ``folder/tensorboard`` from step 0."""
@@ -54,6 +56,7 @@ def make_trainer(
     environment = [SLURMEnvironment(auto_requeue=False)] if slurm else []
     samples = [SampleGrid(cfg.samples, folder / SAMPLES, cfg.text_mode)] if evaluation else []
     fid = [FIDCallback(cfg.fid, folder, progress=cfg.train.progress_bar)] if evaluation and cfg.fid.enabled else []
+    curve = [AlignmentCurve(cfg.eval.every_n_steps, folder)] if evaluation and cfg.eval.every_n_steps else []
     # The bar reads the logged loss on the host: refresh it when there is a new one, not every step.
     bar = StageProgressBar(log.label, batches.global_batch, refresh_rate=cfg.train.log_every)
     progress = [bar] if cfg.train.progress_bar else []
@@ -65,7 +68,7 @@ def make_trainer(
         callbacks=[
             checkpoints, ResumedLog(), *samples, Preemption(checkpoints),
             Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
-            *fid, *progress, *(callbacks or []),
+            *fid, *curve, *progress, *(callbacks or []),
         ],
         plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=folder, use_distributed_sampler=False,

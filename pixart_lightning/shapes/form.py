@@ -64,8 +64,10 @@ def _coverage(image: np.ndarray) -> np.ndarray | None:
     if split.shape is None:
         return None
     axis = split.shape - split.background
-    alpha = np.clip((pixels - split.background) @ axis / float(axis @ axis), 0.0, 1.0)
-    return np.where(_grow(_largest_blob(split.far)), alpha, 0.0)
+    if not axis.any():  # far pixels on opposite sides of the background, whose median is the background itself
+        return None
+    alpha = np.where(_grow(_largest_blob(split.far)), np.clip((pixels - split.background) @ axis / (axis @ axis), 0, 1), 0)
+    return alpha if alpha.max() > 0 else None
 
 
 def _largest_blob(mask: np.ndarray) -> np.ndarray:

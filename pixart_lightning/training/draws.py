@@ -42,10 +42,18 @@ class StepDraws:
     def _mine(self, B: int) -> slice:
         return slice(self.index * B, (self.index + 1) * B)
 
-    def diffusion(self, shape: tuple[int, ...], num_timesteps: int, drop_prob: float) -> dict[str, Tensor]:
-        """Timesteps ``t``, noise like ``shape`` and caption drops (``drop``, True with ``drop_prob``)."""
+    def diffusion(
+        self, shape: tuple[int, ...], num_timesteps: int, drop_prob: float, logit_normal: tuple[float, float] | None = None
+    ) -> dict[str, Tensor]:
+        """Timesteps ``t`` (uniform, or sigmoid(N(mean, std)) of the range with ``logit_normal``), noise like ``shape``
+        and caption drops (``drop``, True with ``drop_prob``)."""
         gen, B, n = self._generator(), shape[0], shape[0] * self.slots
-        t = torch.randint(0, num_timesteps, (n,), device=self.device, generator=gen)
+        if logit_normal is None:
+            t = torch.randint(0, num_timesteps, (n,), device=self.device, generator=gen)
+        else:
+            mean, std = logit_normal
+            z = torch.randn(n, device=self.device, generator=gen) * std + mean
+            t = (torch.sigmoid(z) * num_timesteps).long().clamp_(max=num_timesteps - 1)
         noise = torch.randn((n, *shape[1:]), device=self.device, generator=gen)
         drop = torch.rand(n, device=self.device, generator=gen) < drop_prob
         mine = self._mine(B)
