@@ -20,45 +20,59 @@ CURVE = "alignment-curve.json"
 
 class AlignmentCurve(L.Callback):
     """Scores the held-out prompts every ``eval.every_n_steps`` steps and at the end, with the weights the stage
-    samples with. Each record holds the step, ``train_seconds`` (wall time since training started, the time of these
-    measurements left out, so variants compare by what they trained) and the accuracy of every attribute; rank 0
-    logs them to TensorBoard (``curve/*``) and appends them to ``<out_dir>/alignment-curve.json``."""
+    samples with. Each record holds the step, ``train_seconds`` and the accuracy of every attribute; rank 0 logs them
+    to TensorBoard (``curve/*``) and appends them to ``<out_dir>/alignment-curve.json``. The last result is kept as
+    ``final`` (the runner's end-of-stage score, not measured twice).
+
+    ``train_seconds`` adds up the steps' own time, from each batch's start to its end (forward, backward, optimizer
+    and EMA), so variants compare by what they trained: no data waits, checkpoints, sample grids, FID or these
+    measurements (the trainer calls this callback first at a batch's end, before the others' work). It is saved with
+    the checkpoints, so a resumed stage counts on. On a GPU it is the host's time, which the device catches up with
+    at each measurement."""
 
     def __init__(self, every_n_steps: int, out_dir: str | Path):
         self.every_n_steps = every_n_steps
         self.path = Path(out_dir) / CURVE
-        self._started = 0.0
-        self._measuring = 0.0
+        self.train_seconds = 0.0
+        self.final: dict[str, Any] | None = None
+        self._batch_started = 0.0
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._started, self._measuring = time.perf_counter(), 0.0
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_seconds = state_dict["train_seconds"]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_seconds += time.perf_counter() - self._batch_started
         if interim_step_ended(trainer, batch_idx, self.every_n_steps):
             self.measure(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.measure(trainer, pl_module)
+        self.final = self.measure(trainer, pl_module)
 
     def measure(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
-        """One record at the current step on rank 0 (every rank generates under FSDP); None elsewhere."""
+        """The alignment result at the current step on rank 0, its record appended (every rank generates under
+        FSDP); None elsewhere."""
         if not (trainer.is_global_zero or is_sharded(pl_module.model)):
             return None
-        begin = time.perf_counter()
         model = pl_module.sampling_model(pl_module.cfg.samples.use_ema)
         result = score_alignment(model, pl_module.encoders, pl_module.cfg, trainer.precision)
-        record = {"step": trainer.global_step, "train_seconds": round(begin - self._started - self._measuring, 2),
-                  **{k: v for k, v in result.items() if k.endswith("accuracy")}}
-        self._measuring += time.perf_counter() - begin
         if not trainer.is_global_zero:
             return None
+        record = {"step": trainer.global_step, "train_seconds": round(self.train_seconds, 2),
+                  **{k: v for k, v in result.items() if k.endswith("accuracy")}}
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in record.items() if k.endswith("accuracy")},
                                step=trainer.global_step)
+            logger.save()
         append_record(self.path, record)
         with tqdm.external_write_mode():
             print(f"step {trainer.global_step} ({record['train_seconds']:.0f} s): {attribute_line(result)}", flush=True)
-        return record
+        return result
 
 
 def time_to_quality(curve: list[dict[str, Any]], levels: tuple[float, ...] = (0.5, 0.8)) -> str:

@@ -189,8 +189,9 @@ def test_stage2_before_stage1_says_what_to_run(tmp_path: Path) -> None:
 
 
 def test_interrupted_stage_resumes_with_same_data_order(tmp_path: Path) -> None:
-    """Killed after step 4 (checkpoint at 3), a re-run continues with the batches and losses of an unbroken run."""
-    common = ["stage1.train.max_steps=7"]
+    """Killed after step 4 (checkpoint at 3), a re-run continues with the batches and losses of an unbroken run, and
+    its alignment curve with the training seconds counted before the stop."""
+    common = ["stage1.train.max_steps=7", "stage1.eval.every_n_steps=2"]
     whole = Recorder()
     run(DEMO, [1], small(tmp_path / "whole", *common), callbacks=[whole])
     broken = Recorder(fail_at=4)
@@ -202,6 +203,10 @@ def test_interrupted_stage_resumes_with_same_data_order(tmp_path: Path) -> None:
     for step in (4, 5, 6, 7):
         assert resumed.steps[step][0] == whole.steps[step][0]
         assert resumed.steps[step][1] == pytest.approx(whole.steps[step][1], rel=1e-5, abs=1e-6)
+    curve = json.loads((tmp_path / "broken" / "stage1" / "alignment-curve.json").read_text())
+    assert [r["step"] for r in curve] == [2, 4, 6, 7]  # step 4's record is the re-trained step's
+    seconds = [r["train_seconds"] for r in curve]
+    assert seconds == sorted(seconds) and seconds[1] > seconds[0]
 
 
 def test_plan_validates_every_stage_first(tmp_path: Path) -> None:

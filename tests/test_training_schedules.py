@@ -61,5 +61,15 @@ def test_logit_normal_timesteps_lean_where_asked_and_leave_uniform_draws_as_they
 
 
 def test_bad_logit_normal_spread_fails_at_start(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="std must be positive"):
+    with pytest.raises(ConfigError, match=r"diffusion.logit_normal.std=0.0: must be a positive number"):
         load_stage(DEMO, 2, [f"out_dir={tmp_path}", "diffusion.logit_normal={mean: 0.5, std: 0}"])
+    with pytest.raises(ConfigError, match=r"diffusion.logit_normal shapes the diffusion loss, which stage 4 does not "
+                       r"train with .*: set stage4.diffusion.logit_normal=null"):
+        load_stage(DEMO, 4, [f"out_dir={tmp_path}", "diffusion.logit_normal={mean: 0.5, std: 1}"])
+
+
+def test_logit_normal_draws_stay_in_range_at_the_extremes() -> None:
+    """sigmoid(z) rounds to 1 for large z in float32: the draw is clamped to the last timestep, never past it."""
+    draws = StepDraws(seed=1, step=0, slot=Slot(), device=torch.device("cpu"))
+    t = draws.diffusion((64, 3, 2, 2), 1000, 0.0, logit_normal=(40.0, 1.0))["t"]
+    assert int(t.min()) == int(t.max()) == 999

@@ -197,9 +197,9 @@ class DiffusionSection:
     logit_normal: LogitNormalSection | None = None
     """Draw training timesteps logit-normally (``{mean: 0.5, std: 1.0}``); None: uniformly (the paper's)."""
     min_snr_gamma: float | None = None
-    """Weigh the MSE by Min-SNR-γ (positive; 5 is its paper's): the loss of an x0 prediction at min(SNR, γ), so
-    high-noise timesteps, where layout and form are decided, weigh more against nearly clean ones; null: unweighted
-    (the paper's)."""
+    """Weigh the MSE by Min-SNR-γ (positive; 5 is its paper's): the loss of an x0 prediction at min(SNR, γ). For ε
+    it caps the weight of nearly clean timesteps; for v it also takes weight from high noise (about SNR there, an ε
+    loss's weighting), which cost the v-prediction demo its colours (docs/stages.md). null: unweighted (the paper's)."""
 
 
 @dataclass(kw_only=True)
@@ -298,7 +298,7 @@ class OptimSection:
     warmup_steps: int = 1000
     """Optimizer steps of linear warm-up to ``lr`` (0 or 1: none), then ``lr_schedule``."""
     lr_schedule: LRSchedule = "constant"
-    """After the warm-up: ``constant`` (the paper's), or ``cosine``, down to 0 at the last step of the stage."""
+    """After the warm-up: ``constant`` (the paper's), or ``cosine``, down to nearly 0 at the stage's last step."""
     grad_clip: float = 0.01
     """Max gradient norm; 0 turns clipping off."""
     ema_rate: float = 0.9999

@@ -57,8 +57,10 @@ def _range_problems(cfg: StageConfig) -> list[str]:
     if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
         found.append(f"optim.lr={cfg.optim.lr}: must be a positive number")
     spread = cfg.diffusion.logit_normal
-    if spread is not None and not (spread.std > 0 and math.isfinite(spread.std) and math.isfinite(spread.mean)):
-        found.append(f"diffusion.logit_normal: mean={spread.mean}, std={spread.std}: std must be positive, both finite")
+    if spread is not None and not (spread.std > 0 and math.isfinite(spread.std)):
+        found.append(f"diffusion.logit_normal.std={spread.std}: must be a positive number")
+    if spread is not None and not math.isfinite(spread.mean):
+        found.append(f"diffusion.logit_normal.mean={spread.mean}: must be a finite number")
     gamma = cfg.diffusion.min_snr_gamma
     if gamma is not None and not (gamma > 0 and math.isfinite(gamma)):
         found.append(f"diffusion.min_snr_gamma={gamma}: must be a positive number (or null: unweighted)")
@@ -182,6 +184,11 @@ def _distill_problems(cfg: StageConfig) -> list[str]:
         found.append(f"distill.huber_c={d.huber_c}: must be at least 0 (0: mean squared error)")
     if cfg.phases:
         found.append("stage 4 has no phases: it distils at its teacher's resolution in one run")
+    for key, value in (("diffusion.logit_normal", cfg.diffusion.logit_normal),
+                       ("diffusion.min_snr_gamma", cfg.diffusion.min_snr_gamma)):
+        if value is not None:
+            found.append(f"{key} shapes the diffusion loss, which stage 4 does not train with (it walks the teacher's "
+                         f"skipping schedule): set stage4.{key}=null")
     for key, sampler, steps in (("samples", cfg.samples.sampler, cfg.samples.steps), ("fid", cfg.fid.sampler,
                                                                                      cfg.fid.steps)):
         if sampler != CONSISTENCY_SAMPLER or steps not in d.steps:

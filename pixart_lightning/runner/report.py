@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from callbacks.alignment import CURVE, time_to_quality
+from callbacks.alignment import CURVE, AlignmentCurve, time_to_quality
 from callbacks.fid import RECORDS as FID_RECORDS
 from pixart_lightning.config import DISTILL_STAGE, BatchPlan
 from pixart_lightning.encoders.frozen import FrozenEncoders
@@ -93,7 +93,8 @@ def finish(
 
 def _score_alignment(unit: Unit, trainer: L.Trainer, model: PixArt, encoders: FrozenEncoders) -> dict[str, float]:
     """The embedded world's caption alignment of the final model, to ``alignment.json`` and TensorBoard."""
-    result = score_alignment(model, encoders, unit.cfg, trainer.precision)
+    scored = [c.final for c in trainer.callbacks if isinstance(c, AlignmentCurve) and c.final]  # the curve's end
+    result = scored[0] if scored else score_alignment(model, encoders, unit.cfg, trainer.precision)
     write_json(unit.dir / ALIGNMENT, result)
     for logger in trainer.loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in result.items() if k.endswith("accuracy")}, trainer.global_step)
@@ -119,7 +120,7 @@ def print_summary(units: list[Unit]) -> None:
               + f"samples: {unit.dir / SAMPLES / 'final.png'}")
         if score is not None:
             print(f"  {'':16s} {attribute_line(m['alignment'])}")
-        if (unit.dir / CURVE).is_file():
+        if unit.cfg.text_mode and (unit.dir / CURVE).is_file():  # "all right" needs a caption's place and size
             print(f"  {'':16s} {time_to_quality(json.loads((unit.dir / CURVE).read_text()))}")
         few_step, note = m.get("few_step", []), fid_note(m.get("few_step", []), unit.dir)
         for line in comparison_lines(few_step) + ([note] if note else []):

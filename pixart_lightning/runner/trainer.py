@@ -66,9 +66,9 @@ def make_trainer(
         max_steps=cfg.train.max_steps, log_every_n_steps=cfg.train.log_every,
         accumulate_grad_batches=batches.accumulation, logger=ChainLogger(log),
         callbacks=[
-            checkpoints, ResumedLog(), *samples, Preemption(checkpoints),
+            *curve, checkpoints, ResumedLog(), *samples, Preemption(checkpoints),  # the curve's clock stops first
             Throughput(every_n_steps=cfg.train.log_every, peak_tflops=cfg.train.peak_tflops),
-            *fid, *curve, *progress, *(callbacks or []),
+            *fid, *progress, *(callbacks or []),
         ],
         plugins=[AtomicCheckpointIO(), *environment], enable_progress_bar=cfg.train.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=folder, use_distributed_sampler=False,
