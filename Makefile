@@ -13,7 +13,7 @@ RUN_ARGS ?=
 LAUNCH ?= local
 SLURM_ARGS ?=
 
-.PHONY: venv test slurm-install lint demo finetune-demo finetune stage1 stage2 stage3 stage4 tensorboard bench gpu-wheels gpu-check clean
+.PHONY: venv test slurm-install lint demo demo-long finetune-demo finetune stage1 stage2 stage3 stage4 tensorboard bench gpu-wheels gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ lint: venv
 # The four stages of the embedded default, offline, in minutes on 2 CPU cores.
 demo: venv
 	$(VENV)/bin/pixart-lightning run configs/demo $(RUN_ARGS)
+
+# The demo's stages 1-2 with stage 2 three times longer: shape, position and size learned too (configs/demo-long).
+demo-long: venv
+	$(VENV)/bin/pixart-lightning run configs/demo-long $(RUN_ARGS)
 
 # LoRA on the demo's stage-3 model: draw what captions call "red" in teal, other colours alone (docs/stages.md).
 # `make demo` first when its weights are missing; then the fine-tune (its data: the teal world) and the before/after report.

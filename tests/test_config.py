@@ -151,3 +151,14 @@ def test_a_consistency_sampler_takes_no_guidance_and_stage_4_samples_with_it() -
     with pytest.raises(ConfigError, match=r"samples.sampler=lcm, samples.steps=3: .* distill.steps \[1, 2, 4, 8\]"):
         load_stage(CONFIGS / "demo", 4, ["samples.steps=3"])
     assert load_stage(CONFIGS / "demo", 4).fid.sampler == "lcm"
+
+
+def test_a_config_folder_names_its_runs_and_may_link_another_folders_files() -> None:
+    """demo-long links the demo's base and stage 1: its runs go to runs/demo-long (the folder's name) with the demo's
+    stage 1 as it is, and only stage 2 differs."""
+    long, demo = plan(CONFIGS / "demo-long"), plan(CONFIGS / "demo")
+    assert [u.stage for u in long] == [1, 2] and {u.cfg.name for u in long} == {"demo-long"}
+    assert long[0].cfg.out_dir == "runs/demo-long" and demo[0].cfg.out_dir == "runs/demo"
+    assert to_yaml(long[0].cfg).replace("demo-long", "demo") == to_yaml(demo[0].cfg)  # paths under runs/demo-long
+    assert (long[1].cfg.train.max_steps, long[1].cfg.optim.lr_schedule) == (5400, "cosine")
+    assert load_stage(CONFIGS / "finetune-demo", 3).name == "finetune-demo"  # a file's name wins

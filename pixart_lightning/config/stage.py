@@ -51,7 +51,8 @@ class BatchPlan:
 @dataclass(kw_only=True)
 class StageConfig:
     name: str = "run"
-    """The run's name: its outputs go to ``runs/<name>`` unless ``out_dir`` says otherwise."""
+    """The run's name: its outputs go to ``runs/<name>`` unless ``out_dir`` says otherwise. A config folder's runs are
+    named after the folder (``configs/demo-long`` -> ``runs/demo-long``) unless its files set a name."""
     stage: Stage = 1
     """Which stage: the paper's 1 (class-conditional), 2 (text-image alignment), 3 (high aesthetics), or 4 (few-step
     consistency distillation of stage 3). Set by the config folder's file name, not by a key."""
