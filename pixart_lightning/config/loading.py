@@ -197,7 +197,7 @@ def load_stage(folder: str | Path, stage: int, overrides: list[str] | None = Non
     if not stage_file.is_file():
         found = sorted(p.stem for p in folder.glob("stage*.yaml"))
         raise ConfigError(f"{stage_file} does not exist; this config has {', '.join(found) or 'no stages'}")
-    layers = [OmegaConf.create({"name": folder.resolve().name})]  # a file's name: wins
+    layers = [OmegaConf.create({"name": folder.resolve().name})]  # the folder's name, unless a file sets one
     layers += [OmegaConf.load(p) for p in (folder / "base.yaml", stage_file) if p.is_file()]
     layers.append(OmegaConf.create({"stage": stage}))
     layers.append(stage_overrides(overrides or [], stage))

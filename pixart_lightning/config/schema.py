@@ -382,8 +382,8 @@ class EvalSection:
     alignment_prompts: int = 0
     """Shapes-world prompts (wording never seen in training) scored at the end of the stage; 0: off."""
     every_n_steps: int = 0
-    """Also score them every N steps while the stage trains (``alignment-curve.json``: accuracy against training
-    seconds, evaluation time left out; TensorBoard), for time to quality; 0: only at the end."""
+    """Also score them every N steps while the stage trains (``alignment-curve.json``: accuracy against the steps'
+    own seconds, ``callbacks/alignment.py``; TensorBoard ``curve/*``), for time to quality; 0: only at the end."""
     seed: int = 0
     """Draws the alignment prompts and their starting noise."""
     cfg_scale: float = 4.5

@@ -72,6 +72,7 @@ class GaussianDiffusion:
 
         self.learn_sigma = learn_sigma
         self.prediction = prediction
+        self.min_snr_gamma = min_snr_gamma
         self.num_timesteps = len(betas)
         self.timestep_map = torch.tensor(use_timesteps, dtype=torch.long)
 
@@ -222,7 +223,8 @@ class GaussianDiffusion:
         channels = x0.shape[1]
         mean_hat = output[:, :channels]
         mse = mean_flat((self.target(x0, noise, t) - mean_hat) ** 2, loss_mask)
-        mse = mse * self._gather("mse_weights", t, mse)
+        if self.min_snr_gamma is not None:
+            mse = mse * self._gather("mse_weights", t, mse)
         if not self.learn_sigma:
             return {"mse": mse, "loss": mse}
 

@@ -49,8 +49,8 @@ def sampling_choice(
     given).
 
     A stage-4 folder samples with ``lcm`` at ``steps`` (default 4 where served, else the most), which must be one of
-    its ``distill.steps``, and guidance 1; another sampler or guidance is refused. Elsewhere the options stand as given, except that ``lcm``
-    without ``--cfg`` samples unguided.
+    its ``distill.steps``, and guidance 1; another sampler or guidance is refused. Elsewhere the options stand as
+    given, except that ``lcm`` without ``--cfg`` samples unguided.
     """
     served = distilled_steps(checkpoint)
     if served is None:

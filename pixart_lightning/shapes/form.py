@@ -66,7 +66,8 @@ def _coverage(image: np.ndarray) -> np.ndarray | None:
     axis = split.shape - split.background
     if not axis.any():  # far pixels on opposite sides of the background, whose median is the background itself
         return None
-    alpha = np.where(_grow(_largest_blob(split.far)), np.clip((pixels - split.background) @ axis / (axis @ axis), 0, 1), 0)
+    along = np.clip((pixels - split.background) @ axis / (axis @ axis), 0.0, 1.0)
+    alpha = np.where(_grow(_largest_blob(split.far)), along, 0.0)
     return alpha if alpha.max() > 0 else None
 
 

@@ -43,7 +43,8 @@ class StepDraws:
         return slice(self.index * B, (self.index + 1) * B)
 
     def diffusion(
-        self, shape: tuple[int, ...], num_timesteps: int, drop_prob: float, logit_normal: tuple[float, float] | None = None
+        self, shape: tuple[int, ...], num_timesteps: int, drop_prob: float,
+        logit_normal: tuple[float, float] | None = None,
     ) -> dict[str, Tensor]:
         """Timesteps ``t`` (uniform, or sigmoid(N(mean, std)) of the range with ``logit_normal``), noise like ``shape``
         and caption drops (``drop``, True with ``drop_prob``)."""

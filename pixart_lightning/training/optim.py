@@ -17,8 +17,8 @@ def build_optimizer(
     parameters: Iterable[nn.Parameter], cfg: StageConfig, global_batch: int | None = None
 ) -> dict[str, Any]:
     """AdamW at ``cfg.learning_rate(global_batch)`` over the ``parameters`` that train (under LoRA the adapters: no
-    state for the frozen base), warmed up linearly over ``optim.warmup_steps`` then following ``optim.lr_schedule``, as Lightning's
-    ``configure_optimizers`` returns it (the schedule stepped every optimizer step)."""
+    state for the frozen base), warmed up linearly over ``optim.warmup_steps`` then following ``optim.lr_schedule``,
+    as Lightning's ``configure_optimizers`` returns it (the schedule stepped every optimizer step)."""
     o = cfg.optim
     parameters = [p for p in parameters if p.requires_grad]
     hyper = {"lr": cfg.learning_rate(global_batch), "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
